@@ -1,0 +1,30 @@
+"""Test set-up: CPU only, 8 fake devices, fast compiles.
+
+The environment must be set before jax is imported anywhere, which is why it
+happens at the top of conftest (pytest imports it before any test module).
+"""
+
+import os
+
+os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') +
+    ' --xla_force_host_platform_device_count=8').strip()
+
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+# Tests compile many tiny programs; optimisation time dominates their run time.
+jax.config.update('jax_disable_most_optimizations', True)
+jax.config.update('jax_threefry_partitionable', True)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
+
+
+@pytest.fixture
+def shared_data():
+  """Path of ../shared/data (real VOC / Cityscapes samples); skips if absent."""
+  if not os.path.isdir(SHARED_DATA):
+    pytest.skip(f'{SHARED_DATA} not present')
+  return SHARED_DATA
