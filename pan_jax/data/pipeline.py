@@ -27,6 +27,7 @@ guard their entry point (`if __name__ == '__main__'`) and parse absl flags.
 import math
 from typing import Any, Optional
 
+from absl import flags
 import grain
 import numpy as np
 from pan_jax.data import sources
@@ -76,6 +77,11 @@ def build_train_iter(config, process_index: int = 0, process_count: int = 1):
       num_threads=_READ_THREADS,
       prefetch_buffer_size=max(int(data.prefetch_buffer_size), 1)))
   if int(data.num_workers) > 0:
+    # grain's process prefetch reads its own absl flags; a program that did
+    # not parse flags (a notebook, a test) gets their defaults instead of an
+    # UnparsedFlagAccessError. Parsing later still works.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(data.num_workers),
         per_worker_buffer_size=max(int(data.prefetch_buffer_size), 1)))
