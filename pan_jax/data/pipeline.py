@@ -70,21 +70,26 @@ def build_train_iter(config, process_index: int = 0, process_count: int = 1):
       transforms.RandomScaleCrop(int(data.crop_size), float(data.min_scale),
                                  float(data.max_scale)), seed=seed)
   dataset = dataset.random_map(transforms.RandomFlip(), seed=seed + 1)
-  dataset = dataset.map(transforms.Normalize())
   dataset = dataset.map(_KeepKeys(('image', 'label')))
+  workers = int(data.num_workers)
+  if not workers:
+    dataset = dataset.map(transforms.Normalize())
   dataset = dataset.batch(batch_size, drop_remainder=True)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS,
       prefetch_buffer_size=max(int(data.prefetch_buffer_size), 1)))
-  if int(data.num_workers) > 0:
+  if workers:
     # grain's process prefetch reads its own absl flags; a program that did
     # not parse flags (a notebook, a test) gets their defaults instead of an
     # UnparsedFlagAccessError. Parsing later still works.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(data.num_workers),
+        num_workers=workers,
         per_worker_buffer_size=max(int(data.prefetch_buffer_size), 1)))
+    # Batches cross from the workers as uint8 (4x fewer bytes than float32);
+    # normalizing a batch here costs ~1 ms per 512x512 image.
+    dataset = dataset.map(transforms.Normalize())
   return iter(dataset)
 
 

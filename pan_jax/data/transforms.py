@@ -27,8 +27,17 @@ Example = dict[str, Any]
 
 def normalize(image: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] RGB -> float32 (x - mean) / std with ImageNet statistics."""
-  image = np.asarray(image, np.float32)
-  return (image - IMAGENET_MEAN) * (1.0 / IMAGENET_STD)
+  image = np.ascontiguousarray(image)
+  if image.ndim < 2:
+    return (np.asarray(image, np.float32) - IMAGENET_MEAN) / IMAGENET_STD
+  # x * (1/std) + (-mean/std) on [..., W*3] rows: numpy runs its inner loop
+  # over whole rows instead of 3-vectors, which is ~8x faster.
+  width = image.shape[-2]
+  rows = image.reshape(image.shape[:-2] + (width * 3,))
+  out = np.multiply(rows, np.tile(1.0 / IMAGENET_STD, width),
+                    dtype=np.float32)
+  out += np.tile(-IMAGENET_MEAN / IMAGENET_STD, width)
+  return out.reshape(image.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +70,21 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     factor_y, factor_x = height / scaled_h, width / scaled_w
     box = (left * factor_x, top * factor_y, (left + valid_w) * factor_x,
            (top + valid_h) * factor_y)
-    out_image = np.empty((crop, crop, 3), np.uint8)  # [crop, crop, 3]
-    out_image[...] = MEAN_PIXEL
-    out_label = np.full((crop, crop), IGNORE_LABEL, np.uint8)
-    out_image[:valid_h, :valid_w] = np.asarray(Image.fromarray(image).resize(
+    resized_image = np.asarray(Image.fromarray(image).resize(
         (valid_w, valid_h), Image.Resampling.BILINEAR, box=box))
-    out_label[:valid_h, :valid_w] = np.asarray(Image.fromarray(label).resize(
+    resized_label = np.asarray(Image.fromarray(label).resize(
         (valid_w, valid_h), Image.Resampling.NEAREST, box=box))
+    if (valid_h, valid_w) == (crop, crop):  # no padding: the common case
+      return dict(element, image=resized_image, label=resized_label)
+    out_image = np.empty((crop, crop, 3), np.uint8)  # [crop, crop, 3]
+    # One padded row, assigned to whole rows: much faster than broadcasting
+    # a 3-vector over every pixel.
+    pad_row = np.tile(np.asarray(MEAN_PIXEL, np.uint8), (crop, 1))  # [crop, 3]
+    out_image[valid_h:] = pad_row
+    out_image[:valid_h, valid_w:] = pad_row[valid_w:]
+    out_image[:valid_h, :valid_w] = resized_image
+    out_label = np.full((crop, crop), IGNORE_LABEL, np.uint8)
+    out_label[:valid_h, :valid_w] = resized_label
     return dict(element, image=out_image, label=out_label)
 
 
@@ -79,8 +96,15 @@ class RandomFlip(grain.transforms.RandomMap):
   def random_map(self, element: Example, rng: np.random.Generator) -> Example:
     if rng.random() >= self.probability:
       return element
-    return dict(element, image=element['image'][:, ::-1],
-                label=element['label'][:, ::-1])
+    # PIL flips a contiguous copy twice as fast as numpy copies a [:, ::-1]
+    # view; the contiguous result also keeps Normalize fast.
+    return dict(element, image=_flip(element['image']),
+                label=_flip(element['label']))
+
+
+def _flip(array: np.ndarray) -> np.ndarray:
+  return np.asarray(Image.fromarray(array).transpose(
+      Image.Transpose.FLIP_LEFT_RIGHT))
 
 
 @dataclasses.dataclass(frozen=True)
