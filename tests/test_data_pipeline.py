@@ -201,6 +201,9 @@ def test_meta_and_errors():
   assert meta.ignore_label == 255
   with pytest.raises(ValueError, match='no split'):
     sources.open_split(config.data, 'test')
+  val = sources.open_split(config.data, 'val')
+  assert sources.file_names(config.data, 'val') == [
+      val[i]['file_name'] for i in range(len(val))]
   data = ml_collections.ConfigDict({'name': 'voc2012_aug',
                                     'data_dir': '/nonexistent'})
   with pytest.raises(FileNotFoundError, match='pan_jax.data.prepare'):

@@ -125,6 +125,10 @@ def test_voc_with_sbd(tmp_path):
   assert train_aug['a']['image'].shape == (30, 40, 3)
   val = _read_split(tmp_path / 'data', 'voc2012_aug', 'val')
   assert sorted(val) == ['c', 'd']
+  config = _data_config(tmp_path / 'data', 'voc2012_aug')
+  source = sources.open_split(config, 'val')
+  assert sources.file_names(config, 'val') == [
+      source[i]['file_name'] for i in range(len(source))]
   meta = sources.get_meta(_data_config(tmp_path / 'data', 'voc2012_aug'))
   assert meta.num_classes == 21 and meta.class_names[15] == 'person'
   assert meta.palette[15] == (192, 128, 128) and meta.ignore_label == 255
@@ -353,6 +357,7 @@ def test_command_line(tmp_path):
   assert result.returncode == 1
   assert str(bad) in result.stderr and 'expected class ids 0..2' in (
       result.stderr)
+  assert '--skip_bad skips such examples' in result.stderr
   result = subprocess.run(command + ['--skip_bad'], env=env,
                           capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr

@@ -131,8 +131,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
         if result[0] == 'bad':
           _, path, problem = result
           if not self._skip_bad:
-            raise records.BadInputError(
-                path, problem + ' (use --skip_bad to skip such examples)')
+            raise records.BadInputError(path, problem)
           self.skipped.append((path, problem))
           continue
         _, record, (height, width) = result
@@ -142,7 +141,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
     if not count:
       raise records.BadInputError(
           self._spec.source_dir, f'split {split!r} has no usable examples '
-          f'({len(examples)} listed, all skipped as bad)')
+          f'({len(examples)} listed, all skipped as bad)', skippable=False)
     self.info.metadata['max_image_size'][split] = [max_height, max_width]
     self.info.metadata['skipped'] = [list(item) for item in self.skipped]
 

@@ -63,16 +63,19 @@ def scan(source_dir: str, *, skip_bad: bool = False) -> builder.DatasetSpec:
   image_root = os.path.join(source_dir, 'leftImg8bit')
   label_root = os.path.join(source_dir, 'gtFine')
   if not os.path.isdir(source_dir):
-    raise records.BadInputError(source_dir, 'source folder not found')
+    raise records.BadInputError(source_dir, 'source folder not found',
+                                skippable=False)
   for root in (image_root, label_root):
     if not os.path.isdir(root):
       raise records.BadInputError(
           root, 'folder not found; expected leftImg8bit/<split>/<city>/'
-          f'*{_IMAGE_SUFFIX} and gtFine/<split>/<city>/*{_LABEL_SUFFIX}')
+          f'*{_IMAGE_SUFFIX} and gtFine/<split>/<city>/*{_LABEL_SUFFIX}',
+          skippable=False)
   present = [s for s in SPLITS if os.path.isdir(os.path.join(image_root, s))]
   if not present:
     raise records.BadInputError(
-        image_root, f'none of the split folders {", ".join(SPLITS)} found')
+        image_root, f'none of the split folders {", ".join(SPLITS)} found',
+        skippable=False)
   bad, splits = [], {}
   for split in present:
     splits[split] = _scan_split(os.path.join(image_root, split),
@@ -87,14 +90,16 @@ def _scan_split(image_dir, label_dir, skip_bad, bad):
   """Pairs <stem>_leftImg8bit.png with <stem>_gtFine_labelIds.png."""
   if not os.path.isdir(label_dir):
     raise records.BadInputError(label_dir, 'label folder of this split not '
-                                f'found; expected */*{_LABEL_SUFFIX}')
+                                f'found; expected */*{_LABEL_SUFFIX}',
+                                skippable=False)
   images = {os.path.basename(p)[:-len(_IMAGE_SUFFIX)]: p for p in glob.glob(
       os.path.join(image_dir, '*', '*' + _IMAGE_SUFFIX))}
   labels = {os.path.basename(p)[:-len(_LABEL_SUFFIX)]: p for p in glob.glob(
       os.path.join(label_dir, '*', '*' + _LABEL_SUFFIX))}
   if not images:
     raise records.BadInputError(
-        image_dir, f'empty split: no <city>/*{_IMAGE_SUFFIX} files')
+        image_dir, f'empty split: no <city>/*{_IMAGE_SUFFIX} files',
+        skippable=False)
   problems = (
       [(images[s], f'image without label (expected {label_dir}/<city>/{s}'
         f'{_LABEL_SUFFIX})') for s in sorted(set(images) - set(labels))] +

@@ -50,19 +50,20 @@ def scan(source_dir: str, *, num_classes: int, ignore_label: int = 255,
     raise ValueError(f'{len(class_names)} class names for num_classes='
                      f'{num_classes}: {list(class_names)}')
   if not os.path.isdir(source_dir):
-    raise records.BadInputError(source_dir, 'source folder not found')
+    raise records.BadInputError(source_dir, 'source folder not found',
+                                skippable=False)
   image_root = os.path.join(source_dir, 'images')
   label_root = os.path.join(source_dir, 'labels')
   for root in (image_root, label_root):
     if not os.path.isdir(root):
       raise records.BadInputError(
           root, 'folder not found; expected images/<split>/<stem>.jpg|png and'
-          ' labels/<split>/<stem>.png')
+          ' labels/<split>/<stem>.png', skippable=False)
   split_names = sorted(d for d in os.listdir(image_root)
                        if os.path.isdir(os.path.join(image_root, d)))
   if not split_names:
     raise records.BadInputError(image_root, 'no split folders (e.g. train/, '
-                                'val/) inside')
+                                'val/) inside', skippable=False)
   bad, splits = [], {}
   for split in split_names:
     splits[split] = _scan_split(os.path.join(image_root, split),
@@ -79,7 +80,8 @@ def _scan_split(image_dir, label_dir, skip_bad, bad):
   """Pairs images/<split>/<stem>.* with labels/<split>/<stem>.png."""
   if not os.path.isdir(label_dir):
     raise records.BadInputError(label_dir, 'label folder of this split not '
-                                f'found (images are in {image_dir})')
+                                f'found (images are in {image_dir})',
+                                skippable=False)
   images, problems = {}, []
   for entry in sorted(os.listdir(image_dir)):
     stem, extension = os.path.splitext(entry)
@@ -96,7 +98,7 @@ def _scan_split(image_dir, label_dir, skip_bad, bad):
             if entry.lower().endswith('.png')}
   if not images:
     raise records.BadInputError(image_dir, 'empty split: no .jpg, .jpeg or '
-                                '.png images')
+                                '.png images', skippable=False)
   problems += (
       [(images[s], f'image without label (expected {label_dir}/{s}.png)')
        for s in sorted(set(images) - set(labels))] +

@@ -1,4 +1,4 @@
-"""grain input pipelines: training (augmented crops) and evaluation (full images).
+"""grain input pipelines: training (augmented crops), evaluation (full images).
 
 Training, per process:
   source -> shard [process_index::process_count] -> shuffle(seed) (a new

@@ -142,7 +142,11 @@ def main(argv):
         class_names=_CLASS_NAMES.value, seed=_SEED.value,
         num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value)
   except (records.BadInputError, ValueError) as e:
-    print(f'\nerror: {e}', file=sys.stderr)
+    hint = ''
+    if getattr(e, 'skippable', False) and not _SKIP_BAD.value:
+      hint = ('\n(--skip_bad skips such examples and lists them at the end; '
+              'nothing was written)')
+    print(f'\nerror: {e}{hint}', file=sys.stderr)
     return 1
   if already:
     print(f'{_DATASET.value} is already built at {path}: nothing to do.')

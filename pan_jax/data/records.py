@@ -37,11 +37,14 @@ class BadInputError(ValueError):
   Attributes:
     path: the offending file (or folder).
     problem: what is wrong and what was expected.
+    skippable: whether skipping the example would help (False for a missing
+      folder or an empty split).
   """
 
-  def __init__(self, path: str, problem: str):
+  def __init__(self, path: str, problem: str, skippable: bool = True):
     self.path = str(path)
     self.problem = problem
+    self.skippable = skippable
     super().__init__(f'{self.path}: {problem}')
 
 

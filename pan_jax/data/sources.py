@@ -123,6 +123,28 @@ def open_split(data_config, split: str):
   return TfdsSource(tfds_builder.as_data_source(split=split))
 
 
+def file_names(data_config, split: str) -> list[str]:
+  """The file name of every example of a split, by index (no image decoding).
+
+  Args:
+    data_config: config.data.
+    split: split name.
+
+  Returns:
+    file_names[i] is the name of open_split(data_config, split)[i] (and of
+    the eval batches' 'index' i).
+  """
+  if data_config.name == FAKE_NAME:
+    source = FakeSource(_fake_split(split))
+    return [f'fake_{split}_{index:04d}' for index in range(len(source))]
+  tfds_builder = _tfds_builder(data_config)
+  skip = tfds.decode.SkipDecoding()
+  records_only = tfds_builder.as_data_source(
+      split=split, decoders={'image': skip, 'label': skip})
+  return [_text(records_only[index]['file_name'])
+          for index in range(len(records_only))]
+
+
 class TfdsSource:
   """A tfds array_record data source with pan_jax's field conventions."""
 

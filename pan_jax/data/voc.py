@@ -4,7 +4,7 @@ Expected under SRC (the folder given to prepare):
   VOCdevkit/VOC2012/JPEGImages/<id>.jpg
   VOCdevkit/VOC2012/SegmentationClass/<id>.png   palette PNG, index = class id
   VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
-  benchmark_RELEASE/dataset/cls/<id>.mat          SBD, optional: GTcls.Segmentation
+  benchmark_RELEASE/dataset/cls/<id>.mat          SBD (optional)
   benchmark_RELEASE/dataset/{train,val}.txt
 (`VOC2012/` directly under SRC, or SRC itself being VOC2012, also works.)
 
@@ -48,14 +48,16 @@ def color_map(num_classes: int = 256) -> tuple[tuple[int, int, int], ...]:
 def find_voc_root(source_dir: str) -> str:
   """Returns the VOC2012 folder inside source_dir (or raises BadInputError)."""
   if not os.path.isdir(source_dir):
-    raise records.BadInputError(source_dir, 'source folder not found')
+    raise records.BadInputError(source_dir, 'source folder not found',
+                                skippable=False)
   for candidate in (os.path.join(source_dir, 'VOCdevkit', 'VOC2012'),
                     os.path.join(source_dir, 'VOC2012'), source_dir):
     if os.path.isdir(os.path.join(candidate, 'JPEGImages')):
       return candidate
   raise records.BadInputError(
       source_dir, 'no VOC tree found; expected VOCdevkit/VOC2012 with '
-      'JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/*.txt')
+      'JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/*.txt',
+      skippable=False)
 
 
 def find_sbd_root(source_dir: str) -> Optional[str]:
@@ -71,12 +73,12 @@ def find_sbd_root(source_dir: str) -> Optional[str]:
 def read_id_list(path: str) -> list[str]:
   """Reads an image-id list (one id per line); error if missing or empty."""
   if not os.path.isfile(path):
-    raise records.BadInputError(path, 'split list not found')
+    raise records.BadInputError(path, 'split list not found', skippable=False)
   with open(path) as f:
     ids = [line.split()[0] for line in f if line.strip()]
   if not ids:
     raise records.BadInputError(path, 'split list is empty; expected one '
-                                'image id per line')
+                                'image id per line', skippable=False)
   return ids
 
 
@@ -103,7 +105,7 @@ def scan(source_dir: str, *, name: str = 'voc2012_aug',
   list_dir = os.path.join(voc_root, 'ImageSets', 'Segmentation')
   if not os.path.isdir(label_dir):
     raise records.BadInputError(label_dir, 'label folder not found; expected '
-                                'palette PNGs of class ids')
+                                'palette PNGs of class ids', skippable=False)
   bad = []
   notes = []
 
