@@ -69,10 +69,10 @@ def parse_args(argv):
   parser.add_argument('--no-cpu-tuning', dest='cpu_tuning',
                       action='store_false')
   parser.add_argument('--json', default=None, help='append records here')
-  parser.add_argument('--workers', default='0,1,2',
-                      help='data: worker counts to measure')
   parser.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+  # Options the harness does not know go to the data / eval benchmarks
+  # (`python -m pan_jax.bench data --help` after `--`).
+  return parser.parse_known_args(argv)
 
 
 def _batch(args, mode):
@@ -80,15 +80,18 @@ def _batch(args, mode):
 
 
 def measure_here(args, mode) -> dict:
-  """Runs one measurement in this process and returns its record."""
-  if mode in ('train', 'infer'):
-    from pan_jax import bench_model  # pylint: disable=g-import-not-at-top
-    return bench_model.run(args, mode, _batch(args, mode))
+  """Runs one train / infer measurement in this process."""
+  from pan_jax import bench_model  # pylint: disable=g-import-not-at-top
+  return bench_model.run(args, mode, _batch(args, mode))
+
+
+def run_pipeline_bench(mode, extra) -> dict:
+  """The data and eval benchmarks manage their own processes and tables."""
   if mode == 'data':
     from pan_jax import bench_data  # pylint: disable=g-import-not-at-top
-    return bench_data.run(args)
+    return {'mode': 'data', 'rows': bench_data.run(extra)}
   from pan_jax import bench_eval  # pylint: disable=g-import-not-at-top
-  return bench_eval.run(args)
+  return {'mode': 'eval', 'rows': bench_eval.run(extra)}
 
 
 def _run_child(cmd, env, cwd) -> dict:
@@ -108,7 +111,7 @@ def ours(args, mode, env) -> dict:
           f'--config={args.config}', f'--size={args.size}',
           f'--batch={_batch(args, mode)}', f'--classes={args.classes}',
           f'--dtype={args.dtype}', f'--warmup={args.warmup}',
-          f'--iters={args.iters}', f'--workers={args.workers}']
+          f'--iters={args.iters}']
   return _run_child(argv, env, REPO)
 
 
@@ -132,7 +135,7 @@ def _seconds(record):
 
 
 def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  args, extra = parse_args(sys.argv[1:] if argv is None else argv)
   if args.one:
     record = measure_here(args, args.mode)
     if args.json:
@@ -144,6 +147,9 @@ def main(argv=None):
   modes = MODES if args.mode == 'all' else (args.mode,)
   records = []
   for mode in modes:
+    if mode in ('data', 'eval'):
+      records.append(run_pipeline_bench(mode, extra))
+      continue
     with_peer = args.peer and mode in PEER_MODES
     rounds = args.rounds if with_peer else 1
     ratios = []
