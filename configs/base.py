@@ -70,6 +70,9 @@ def get_config():
   # Channels of the centre block's output and of every decoder stage. The paper
   # is silent; 256 follows FPN/DeepLab, smp uses 32.
   model.decoder_channels = 256
+  # Biases in the centre-block and decoder convs besides their BatchNorm
+  # (smp has them; redundant before BN, so off by default).
+  model.head_conv_bias = False
   # Kernel size of the classifier conv (1 in the paper; smp uses 3).
   model.classifier_kernel = 1
   # BatchNorm on 1x1 pooled vectors (FPA global branch, GAU context, SE). smp
@@ -100,6 +103,9 @@ def get_config():
   # Channels inside the pyramid. The paper is silent: smp uses 1 (a spatial
   # attention map broadcast over channels); 0 means decoder_channels.
   fpa.pyramid_channels = 0
+  # Pyramid pooling keeps an odd last row/column (ceil mode): every input
+  # size works. False is PyTorch's floor mode (smp); c5 then needs >= 8x8.
+  fpa.ceil_mode = True
   # Global pooling branch: 'add' (figure and all public code), 'concat' (the
   # text's wording; followed by a 1x1 conv back to decoder_channels) or 'none'.
   fpa.global_branch = 'add'

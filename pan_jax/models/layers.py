@@ -1,0 +1,283 @@
+"""Building blocks shared by the backbone and the heads.
+
+Two conventions run through every model file:
+
+* Convolutions pad explicitly and symmetrically by `dilation * (k - 1) // 2`,
+  as PyTorch does, not with XLA's 'SAME' (which pads (0, 1) for a stride-2 conv
+  on an even input). This keeps PyTorch weights numerically equivalent and makes
+  a feature pixel depend on the same image pixels whatever the image size.
+
+* Valid regions. Evaluation pads every image to a fixed canvas so that one
+  compiled function serves a whole split. The model then gets `sizes`, an int32
+  [B, 2] array of each image's valid (height, width) at the current feature
+  stride, with the valid region at the top left. Every layer that could see the
+  padding (global pooling, resizes, pyramid pooling) uses these sizes, and
+  feature maps are zeroed outside the valid region, so the padded image gets
+  the same prediction as the image run at its exact size. With `sizes=None`
+  (training, or unpadded inference) none of this costs anything.
+
+`jax.image.resize` only has the half-pixel convention (align_corners=False);
+`resize` here implements both conventions of PyTorch's bilinear
+`F.interpolate`, for static sizes and for per-image valid sizes, as two small
+interpolation matrices applied with einsum (which is also how
+`jax.image.resize` works inside).
+"""
+
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+ModuleDef = Any
+
+# He (Kaiming) normal, fan-out: torchvision's initialisation of ResNet convs.
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def pad_for(kernel: int, dilation: int = 1) -> Tuple[Tuple[int, int], ...]:
+  """PyTorch-style symmetric padding of a square kernel."""
+  p = dilation * (kernel - 1) // 2
+  return ((p, p), (p, p))
+
+
+def down_sizes(sizes: Optional[Array], ceil: bool = True) -> Optional[Array]:
+  """Valid sizes after a stride-2 layer (ceil: padded convs; floor: pooling)."""
+  if sizes is None:
+    return None
+  return (sizes + 1) // 2 if ceil else sizes // 2
+
+
+def sizes_at_stride(image_sizes: Optional[Array], stride: int) -> Optional[Array]:
+  """Valid sizes of a feature map at `stride` (ceil(h / stride) per axis)."""
+  if image_sizes is None:
+    return None
+  return (image_sizes + stride - 1) // stride
+
+
+def valid_mask(sizes: Array, height: int, width: int) -> Array:
+  """[B, height, width, 1] bool: True inside each image's valid region."""
+  rows = jnp.arange(height)[None, :] < sizes[:, 0:1]  # [B, H]
+  cols = jnp.arange(width)[None, :] < sizes[:, 1:2]  # [B, W]
+  return (rows[:, :, None] & cols[:, None, :])[..., None]
+
+
+def mask_invalid(x: Array, sizes: Optional[Array], value: float = 0.) -> Array:
+  """Sets `x` [B, H, W, C] to `value` outside the valid region."""
+  if sizes is None:
+    return x
+  mask = valid_mask(sizes, x.shape[1], x.shape[2])
+  return jnp.where(mask, x, jnp.asarray(value, x.dtype))
+
+
+def global_avg_pool(x: Array, sizes: Optional[Array]) -> Array:
+  """Mean over the valid region: [B, H, W, C] -> [B, 1, 1, C]."""
+  if sizes is None:
+    return jnp.mean(x, axis=(1, 2), keepdims=True)
+  mask = valid_mask(sizes, x.shape[1], x.shape[2])
+  total = jnp.sum(jnp.where(mask, x, 0), axis=(1, 2), keepdims=True)
+  count = (sizes[:, 0] * sizes[:, 1]).astype(x.dtype)
+  return total / jnp.maximum(count, 1)[:, None, None, None]
+
+
+def pool2x2(x: Array, sizes: Optional[Array], kind: str, ceil: bool) -> Array:
+  """2x2 stride-2 pooling over the valid region.
+
+  Args:
+    x: [B, H, W, C].
+    sizes: valid sizes of `x`, or None.
+    kind: 'avg' or 'max'.
+    ceil: PyTorch's ceil_mode: an odd last row/column forms a window of its
+      own (averaged over the pixels it has). False drops it (the default of
+      torch.nn.MaxPool2d, smp's choice).
+
+  Returns:
+    [B, ceil(H/2) or floor(H/2), ..., C].
+  """
+  if kind not in ('avg', 'max'):
+    raise ValueError(f"pooling must be 'avg' or 'max', got {kind!r}")
+  h, w = x.shape[1], x.shape[2]
+  if ceil:
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  else:
+    x = x[:, :h - h % 2, :w - w % 2]
+  hh, ww = x.shape[1], x.shape[2]
+  if sizes is None:
+    mask = jnp.zeros((1, hh, ww, 1), bool).at[:, :h, :w].set(True)
+  else:
+    mask = valid_mask(sizes, hh, ww)
+  windows = (x.shape[0], hh // 2, 2, ww // 2, 2, x.shape[3])
+  mask = jnp.broadcast_to(mask, x.shape[:3] + (1,)).reshape(windows[:-1] + (1,))
+  x = x.reshape(windows)
+  if kind == 'max':
+    out = jnp.max(jnp.where(mask, x, -jnp.inf), axis=(2, 4))
+    out = jnp.where(jnp.isfinite(out), out, 0).astype(x.dtype)
+  else:
+    total = jnp.sum(jnp.where(mask, x, 0), axis=(2, 4))
+    count = jnp.sum(mask, axis=(2, 4)).astype(x.dtype)
+    out = total / jnp.maximum(count, 1)
+  return out
+
+
+def _interp_weights(src: Array, in_valid: Array, in_size: int) -> Array:
+  """Linear-interpolation matrix from clamped source coordinates.
+
+  Args:
+    src: [..., out] source coordinates.
+    in_valid: [..., 1] number of valid input pixels.
+    in_size: static input length.
+
+  Returns:
+    [..., out, in_size] weights; each row sums to 1.
+  """
+  src = jnp.clip(src, 0, in_valid - 1)
+  i0 = jnp.floor(src)
+  i1 = jnp.minimum(i0 + 1, in_valid - 1)
+  w1 = src - i0
+  grid = jnp.arange(in_size, dtype=src.dtype)
+  return ((1 - w1)[..., None] * (grid == i0[..., None]) +
+          w1[..., None] * (grid == i1[..., None]))
+
+
+def _source_coords(out_size: int, in_valid: Array, out_valid: Array,
+                   align_corners: bool) -> Array:
+  """PyTorch's bilinear source coordinate of every output pixel."""
+  y = jnp.arange(out_size, dtype=jnp.float32)
+  if align_corners:
+    ratio = (in_valid - 1) / jnp.maximum(out_valid - 1, 1)
+    return jnp.where(out_valid > 1, y * ratio, 0.)
+  return (y + 0.5) * in_valid / out_valid - 0.5
+
+
+def _matrix(in_size: int, out_size: int, align_corners: bool,
+            src_valid: Optional[Array], dst_valid: Optional[Array]) -> Array:
+  """[out, in] (static) or [B, out, in] (per-image) interpolation matrix."""
+  if src_valid is None:
+    iv = jnp.float32(in_size)
+    src = _source_coords(out_size, iv, jnp.float32(out_size), align_corners)
+    return _interp_weights(src, iv, in_size)
+  iv = src_valid.astype(jnp.float32)[:, None]  # [B, 1]
+  ov = dst_valid.astype(jnp.float32)[:, None]
+  src = _source_coords(out_size, iv, ov, align_corners)  # [B, out]
+  weights = _interp_weights(src, iv, in_size)
+  rows = jnp.arange(out_size)[None, :, None] < dst_valid[:, None, None]
+  return jnp.where(rows, weights, 0.)
+
+
+def resize(x: Array, size: Sequence[int], *, align_corners: bool = False,
+           src_sizes: Optional[Array] = None,
+           dst_sizes: Optional[Array] = None) -> Array:
+  """Bilinear resize with PyTorch's semantics (`F.interpolate`, antialias off).
+
+  Args:
+    x: [B, H, W, C].
+    size: output (height, width).
+    align_corners: PyTorch's flag; False is the half-pixel convention of
+      `jax.image.resize`.
+    src_sizes: [B, 2] valid sizes of `x` (top-left region), or None.
+    dst_sizes: [B, 2] valid sizes of the output; required with `src_sizes`.
+      The valid input region is resized onto the valid output region, exactly
+      as if both were whole images; outside it the output is 0.
+
+  Returns:
+    [B, size[0], size[1], C] in x's dtype.
+  """
+  out_h, out_w = int(size[0]), int(size[1])
+  in_h, in_w = x.shape[1], x.shape[2]
+  if src_sizes is None and (in_h, in_w) == (out_h, out_w):
+    return x
+  if (src_sizes is None) != (dst_sizes is None):
+    raise ValueError('resize needs both src_sizes and dst_sizes, or neither')
+  sv = (None, None) if src_sizes is None else (src_sizes[:, 0], src_sizes[:, 1])
+  dv = (None, None) if dst_sizes is None else (dst_sizes[:, 0], dst_sizes[:, 1])
+  mh = _matrix(in_h, out_h, align_corners, sv[0], dv[0]).astype(x.dtype)
+  mw = _matrix(in_w, out_w, align_corners, sv[1], dv[1]).astype(x.dtype)
+  # Float32 resizes must stay float32 on GPUs/TPUs too (no TF32/bf16 passes).
+  precision = (jax.lax.Precision.HIGHEST if x.dtype == jnp.float32
+               else jax.lax.Precision.DEFAULT)
+  if src_sizes is None:
+    x = jnp.einsum('oh,bhwc->bowc', mh, x, precision=precision)
+    return jnp.einsum('pw,bowc->bopc', mw, x, precision=precision)
+  x = jnp.einsum('boh,bhwc->bowc', mh, x, precision=precision)
+  return jnp.einsum('bpw,bowc->bopc', mw, x, precision=precision)
+
+
+def adaptive_avg_pool(x: Array, bins: int, sizes: Optional[Array]) -> Array:
+  """PyTorch's AdaptiveAvgPool2d(bins) over the valid region.
+
+  Bin i of an axis of valid length n averages [floor(i*n/bins),
+  ceil((i+1)*n/bins)), as PyTorch does.
+
+  Args:
+    x: [B, H, W, C].
+    bins: output side.
+    sizes: valid sizes of `x`, or None.
+
+  Returns:
+    [B, bins, bins, C].
+  """
+
+  def matrix(length, valid):
+    # [B or 1, bins, length] averaging weights.
+    n = (jnp.full((1,), length) if valid is None else valid)[:, None, None]
+    i = jnp.arange(bins)[None, :, None]
+    start = (i * n) // bins
+    end = ((i + 1) * n + bins - 1) // bins
+    grid = jnp.arange(length)[None, None, :]
+    inside = (grid >= start) & (grid < end)
+    return inside / jnp.maximum(end - start, 1)
+
+  vh = None if sizes is None else sizes[:, 0]
+  vw = None if sizes is None else sizes[:, 1]
+  mh = matrix(x.shape[1], vh).astype(x.dtype)
+  mw = matrix(x.shape[2], vw).astype(x.dtype)
+  mh = jnp.broadcast_to(mh, (x.shape[0],) + mh.shape[1:])
+  mw = jnp.broadcast_to(mw, (x.shape[0],) + mw.shape[1:])
+  precision = (jax.lax.Precision.HIGHEST if x.dtype == jnp.float32
+               else jax.lax.Precision.DEFAULT)
+  x = jnp.einsum('boh,bhwc->bowc', mh, x, precision=precision)
+  return jnp.einsum('bpw,bowc->bopc', mw, x, precision=precision)
+
+
+class ConvBN(nn.Module):
+  """Conv -> BatchNorm -> activation, zeroed outside the valid region.
+
+  Attributes:
+    features: output channels.
+    kernel: square kernel size.
+    stride: stride.
+    dilation: dilation rate (padding follows it).
+    use_bias: conv bias (smp's head convs have one; ResNets do not).
+    use_bn: False gives conv (+bias) -> activation.
+    act: activation applied last (None for none).
+    norm: BatchNorm partial (use_running_average etc. already set).
+    dtype / param_dtype: compute and parameter dtypes.
+  """
+  features: int
+  norm: ModuleDef
+  kernel: int = 1
+  stride: int = 1
+  dilation: int = 1
+  use_bias: bool = False
+  use_bn: bool = True
+  act: Optional[Callable[[Array], Array]] = nn.relu
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, sizes: Optional[Array] = None) -> Array:
+    x = nn.Conv(
+        self.features, (self.kernel, self.kernel),
+        strides=(self.stride, self.stride),
+        padding=pad_for(self.kernel, self.dilation),
+        kernel_dilation=(self.dilation, self.dilation),
+        use_bias=self.use_bias, kernel_init=conv_init,
+        dtype=self.dtype, param_dtype=self.param_dtype, name='conv')(x)
+    if self.use_bn:
+      x = self.norm(name='bn')(x)
+    if self.act is not None:
+      x = self.act(x)
+    return mask_invalid(x, sizes)
