@@ -571,6 +571,30 @@ def _abstract_variables(init_fn, size: Tuple[int, int]
   return traverse_util.flatten_dict(pretrained._as_dict(shapes))  # pylint: disable=protected-access
 
 
+def target_variables(fmt: str, arch: Arch
+                     ) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:
+  """The pan_jax variables a file of `fmt` and `arch` fills.
+
+  Args:
+    fmt: one of FORMATS.
+    arch: for smp, with num_classes and decoder_channels set.
+
+  Returns:
+    {('params' | 'batch_stats', module..., leaf): ShapeDtypeStruct}: the
+    backbone's variables (under 'backbone') for ImageNet formats, the whole
+    network's for smp. `source_key` names the PyTorch key of each.
+  """
+  if fmt == 'smp':
+    config = smp_config(arch.backbone, arch.num_classes, arch.decoder_channels)
+    module = models.create_model(config, arch.num_classes)
+    # Shapes do not depend on the input size; this one suits every config.
+    return _abstract_variables(
+        functools.partial(module.init, train=False), (256, 256))
+  # The backbone alone; its variables live under 'backbone' in the PAN.
+  return {(k[0], 'backbone') + k[1:]: v for k, v in _abstract_variables(
+      backbone_module(arch).init, (64, 64)).items()}
+
+
 def _source_module(fmt: str, arch: Arch, path: Tuple[str, ...]) -> str:
   """The PyTorch module name of a pan_jax module path (without collection)."""
   if path[0] != 'backbone':
@@ -776,17 +800,11 @@ def convert(fmt: str, input_path: str, output: str,
   if fmt == 'smp':
     arch = _smp_arch(state, input_path, arch_name)
     config = smp_config(arch.backbone, arch.num_classes, arch.decoder_channels)
-    module = models.create_model(config, arch.num_classes)
-    # Shapes do not depend on the input size; this one suits every config.
-    targets = _abstract_variables(
-        functools.partial(module.init, train=False), (256, 256))
   else:
     arch = (parse_arch(fmt, arch_name) if arch_name
             else infer_arch(fmt, state, input_path))
     config = None
-    # The backbone alone; its variables live under 'backbone' in the PAN.
-    targets = {(k[0], 'backbone') + k[1:]: v for k, v in _abstract_variables(
-        backbone_module(arch).init, (64, 64)).items()}
+  targets = target_variables(fmt, arch)
   how = 'as stated by --arch' if arch_name else 'inferred from the keys'
 
   try:

@@ -169,8 +169,15 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
     covered = [k for k in target if len(k) > 1 and k[1] == 'backbone']
   else:
     covered = list(target)
+  covered.sort(key=lambda k: k[0] != 'params')  # params first in messages.
   hint = (f' ({path} holds {_describe_source(info)}; it needs '
           f'{required_overrides(info)})')
+  # Shape mismatches first: they say most about a wrong config.
+  for key in covered:
+    if key in source and tuple(target[key].shape) != tuple(source[key].shape):
+      raise ValueError(
+          f'{"/".join(key)}: {path} has shape {tuple(source[key].shape)}, '
+          f'the model expects {tuple(target[key].shape)}{hint}')
   missing = [k for k in covered if k not in source]
   if missing:
     raise ValueError(
@@ -186,13 +193,9 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
   merged = dict(target)
   count = 0
   for key in covered:
-    want, have = target[key], source[key]
-    if tuple(want.shape) != tuple(have.shape):
-      raise ValueError(
-          f'{"/".join(key)}: {path} has shape {tuple(have.shape)}, the model '
-          f'expects {tuple(want.shape)}{hint}')
-    merged[key] = np.asarray(have, dtype=want.dtype)
-    count += int(np.prod(have.shape)) if key[0] == 'params' else 0
+    merged[key] = np.asarray(source[key], dtype=target[key].dtype)
+    if key[0] == 'params':
+      count += int(np.prod(source[key].shape))
   what = ('the backbone (the centre block, decoder and classifier stay '
           'randomly initialised)' if info['kind'] == 'backbone'
           else 'the whole network')

@@ -231,6 +231,9 @@ def test_smp_pan_logits_match(tmp_path, encoder):
   with open(os.path.join(out_dir, pretrained.CONFIG_FILE)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   assert config.model.backbone == encoder
+  with open(os.path.join(out_dir, pretrained.DATASET_FILE)) as f:
+    meta = json.load(f)
+  assert meta['num_classes'] == 21 and meta['class_names'][1] == 'aeroplane'
   network = models.create_model(config, 21)
   abstract = jax.eval_shape(
       lambda x: network.init(jax.random.PRNGKey(0), x, train=False),
