@@ -5,11 +5,12 @@ same command on the same workdir resumes from its latest checkpoint.
 Multi-host: set PAN_JAX_DISTRIBUTED=1 on every host (launch/*.sh do) to call
 jax.distributed.initialize() first.
 
-On CPU, unless XLA_FLAGS is already set, this sets the XLA flags measured
-to make training ~4x faster (DESIGN.md section 5): multi-output fusion and
-Eigen convolutions (YNN kept for reductions). They must be set before jax
-is imported. Also export GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before
-starting Python (launch/demo.sh does) for a further gain.
+On CPU, unless the user chose XLA CPU options, this sets the XLA flags that
+make training ~4x faster (pan_jax/platform_setup.py, DESIGN.md section 5):
+multi-output fusion and Eigen convolutions (YNN kept for reductions). They
+must be set before jax is imported. Also export
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before starting Python (launch/demo.sh
+does) for a further gain.
 """
 
 import importlib.util
@@ -18,21 +19,22 @@ import os
 import shlex
 import sys
 
-CPU_XLA_FLAGS = ('--xla_backend_extra_options=xla_cpu_use_multi_output_fusion'
-                 ' --xla_cpu_experimental_ynn_fusion_type=reduce')
+from pan_jax import platform_setup
+
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
                         'jax_rocm7_plugin', 'libtpu')
 
 
-def _set_cpu_xla_flags() -> None:
+def _on_cpu() -> bool:
+  """Whether jax will run on CPU (decided before jax is imported)."""
   platforms = os.environ.get('JAX_PLATFORMS', '')
-  on_cpu = platforms == 'cpu' or (not platforms and not any(
-      importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS))
-  if on_cpu and 'XLA_FLAGS' not in os.environ:
-    os.environ['XLA_FLAGS'] = CPU_XLA_FLAGS
+  if platforms:
+    return platforms == 'cpu'
+  return not any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS)
 
 
-_set_cpu_xla_flags()
+if _on_cpu():
+  platform_setup.set_cpu_flags()
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from absl import app

@@ -198,10 +198,14 @@ class _MetricWriter:
 
 
 def _to_json(value: Any) -> Any:
+  """NumPy values as JSON values; NaN/inf (e.g. IoU of an absent class) as
+  null, so that every line is strict JSON."""
   if isinstance(value, np.ndarray):
-    return value.tolist()
+    return _to_json(value.tolist())
   if isinstance(value, (np.floating, np.integer)):
-    return value.item()
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
   if isinstance(value, dict):
     return {k: _to_json(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -382,9 +386,12 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       if eval_result is not None:
         summary = _summarise_eval(eval_result, meta)
         writer.write(step, summary)
-        logging.info('step %d validation: mIoU %.4f (%.1fs)', step,
+        per_class = ', '.join(
+            f'{name} {iou:.3f}' for name, iou in
+            summary.get('val/per_class_iou', {}).items())
+        logging.info('step %d validation: mIoU %.4f (%.1fs) | %s', step,
                      summary.get('val/miou', math.nan),
-                     time.time() - eval_start)
+                     time.time() - eval_start, per_class)
       timer_start += time.time() - eval_start  # Not training time.
 
     if stopping or step == total or manager.should_save(step):

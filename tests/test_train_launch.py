@@ -1,0 +1,69 @@
+"""Tests for launch/: sweep.py expansion and the launch scripts' DRY_RUN."""
+
+import os
+import subprocess
+import sys
+
+from configs import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'launch'))
+import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_sweep_expands_points_into_commands():
+  points = sweep.load_sweep('configs/demo.py')
+  assert points == [{'optim.learning_rate': lr} for lr in (0.02, 0.05, 0.1)]
+  config = demo.get_config()
+  for point in points:  # Every swept key is a real config field.
+    for key in point:
+      node = config
+      for part in key.split('.'):
+        node = node[part]
+  commands = sweep.commands('configs/demo.py', '/runs/sweep',
+                            extra=('--config.total_steps=10',))
+  assert commands[0][1:] == [
+      '-m', 'pan_jax.main', '--config=configs/demo.py',
+      '--workdir=/runs/sweep/learning_rate=0.02',
+      '--config.optim.learning_rate=0.02', '--config.total_steps=10']
+  launched = sweep.commands('configs/demo.py', 'gs://b/s',
+                            launcher='launch/gpu_local.sh')
+  assert launched[2] == ['launch/gpu_local.sh', 'configs/demo.py',
+                         'gs://b/s/learning_rate=0.1',
+                         '--config.optim.learning_rate=0.1']
+
+
+def test_sweep_cli_prints_commands():
+  out = subprocess.run(
+      [sys.executable, 'launch/sweep.py', '--config=configs/demo.py',
+       '--workdir_base=/tmp/s'], cwd=REPO, capture_output=True, text=True,
+      check=True).stdout.splitlines()
+  assert len(out) == 3 and all('pan_jax.main' in line for line in out)
+
+
+def _dry_run(script, *args, **env):
+  result = subprocess.run(
+      [os.path.join(REPO, 'launch', script), *args], cwd=REPO,
+      env=dict(os.environ, DRY_RUN='1', **env), capture_output=True,
+      text=True, check=True)
+  return result.stdout
+
+
+def test_tpu_vm_dry_run():
+  out = _dry_run('tpu_vm.sh', 'configs/voc.py', 'gs://b/run',
+                 '--config.optim.learning_rate=0.01', TPU_NAME='v4-32',
+                 ZONE='us-central2-b')
+  assert 'gcloud compute tpus tpu-vm ssh v4-32' in out
+  assert '--worker=all' in out and 'PAN_JAX_DISTRIBUTED=1' in out
+  assert '--config.optim.learning_rate=0.01' in out
+  assert '--workdir=gs://b/run' in out
+
+
+def test_gpu_dry_runs():
+  out = _dry_run('gpu_local.sh', 'configs/voc.py', '/runs/a',
+                 '--config.global_batch_size=32')
+  assert '-m pan_jax.main --config=configs/voc.py --workdir=/runs/a' in out
+  assert '--config.global_batch_size=32' in out
+  out = _dry_run('gpu_slurm.sh', 'configs/voc.py', '/shared/run', NODES='4')
+  assert out.startswith('sbatch ') and '--nodes=4' in out
+  assert 'PAN_JAX_DISTRIBUTED=1' in out and '--signal=TERM@120' in out
