@@ -174,6 +174,10 @@ def get_config():
 
   # ---------------------------------------------------------------- optim --
   config.optim = optim = ml_collections.ConfigDict()
+  # 'sgd' (the paper: SGD + momentum + L2 decay, as torch.optim.SGD) or
+  # 'adamw' (decoupled decay, b1 = momentum; for short from-scratch runs such
+  # as configs/demo.py).
+  optim.optimizer = 'sgd'
   # Initial learning rate of the poly schedule lr0 * (1 - step/total)^power.
   optim.learning_rate = 4e-3
   optim.poly_power = 0.9

@@ -178,7 +178,8 @@ def restore_data_iter(manager: ocp.CheckpointManager, step: int,
         'The model state is restored, but the data pipeline starts again '
         'from the beginning of its order, so this run does not see exactly '
         'the batches an uninterrupted run would have seen. Resume with the '
-        'original process count and data.num_workers to avoid that.', step, e)
+        'original process count and data.num_workers to avoid that.', step,
+        str(e).rstrip('.'))
     return False
 
 

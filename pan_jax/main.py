@@ -3,7 +3,7 @@
 Overrides: --config.field=value (unknown fields are an error). Rerunning the
 same command on the same workdir resumes from its latest checkpoint.
 Multi-host: set PAN_JAX_DISTRIBUTED=1 on every host (launch/*.sh do) to call
-jax.distributed.initialize() first.
+jax.distributed.initialize() first (see main() for clusters it cannot detect).
 
 On CPU, unless the user chose XLA CPU options, this sets the XLA flags that
 make training ~4x faster (pan_jax/platform_setup.py, DESIGN.md section 5):
@@ -62,7 +62,13 @@ def main(argv):
   logging.get_absl_logger().addFilter(
       lambda r: r.levelno >= py_logging.WARNING or '/orbax/' not in r.pathname)
   if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
-    jax.distributed.initialize()
+    # Cluster environments (TPU VMs, SLURM, MPI) configure themselves;
+    # elsewhere set JAX_COORDINATOR_ADDRESS, PAN_JAX_NUM_PROCESSES and
+    # PAN_JAX_PROCESS_ID on every process.
+    env = {k: int(os.environ[v]) for k, v in (
+        ('num_processes', 'PAN_JAX_NUM_PROCESSES'),
+        ('process_id', 'PAN_JAX_PROCESS_ID')) if v in os.environ}
+    jax.distributed.initialize(**env)
   jax.config.update('jax_threefry_partitionable', True)
   logging.info('process %d/%d, %d local / %d global devices (%s); XLA_FLAGS=%r',
                jax.process_index(), jax.process_count(),

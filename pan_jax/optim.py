@@ -3,7 +3,7 @@
 The paper (section 4) trains with SGD, momentum 0.9, weight decay 1e-4 and the
 "poly" learning rate lr0 * (1 - step / total_steps)^0.9. This module builds the
 same update as `torch.optim.SGD(momentum=0.9, weight_decay=wd)` under that
-schedule:
+schedule (config.optim.optimizer = 'sgd', the default):
 
   g <- g + wd * p            (L2 added to the gradient, not decoupled)
   buf <- momentum * buf + g  (no dampening, no Nesterov)
@@ -13,6 +13,11 @@ where `step` counts the updates already applied (the first update uses
 lr(0) = lr0). An optional linear warm-up multiplies the poly value by
 min(1, step / warmup_steps), so the curve is continuous at the end of the
 warm-up and still reaches zero at `total_steps`.
+
+config.optim.optimizer = 'adamw' swaps SGD for AdamW (decoupled weight decay,
+b1 = optim.momentum, b2 = 0.999) under the same schedule and decay mask. It is
+not the paper's recipe: it is for training from scratch in a few hundred steps
+(configs/demo.py), where SGD without ImageNet weights learns far slower.
 """
 
 from typing import Any, Callable
@@ -70,17 +75,42 @@ def decay_mask(params: Any, decay_norm_and_bias: bool) -> Any:
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+def _sgd(config, learning_rate_fn, mask):
+  optim = config.optim
+  return optax.chain(
+      optax.add_decayed_weights(optim.weight_decay, mask=mask),
+      optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=False))
+
+
+def _adamw(config, learning_rate_fn, mask):
+  optim = config.optim
+  return optax.adamw(learning_rate_fn, b1=optim.momentum, b2=0.999,
+                     weight_decay=optim.weight_decay, mask=mask)
+
+
+# config.optim.optimizer -> builder(config, learning_rate_fn, decay mask fn).
+OPTIMIZERS = {'sgd': _sgd, 'adamw': _adamw}
+
+
 def create_optimizer(
     config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """SGD + momentum + L2 weight decay under the poly schedule.
+  """The optimiser of config.optim under the poly schedule.
 
   Args:
     config: the whole configuration (reads total_steps and optim.*).
 
   Returns:
-    An optax GradientTransformation.
+    An optax GradientTransformation: torch-style SGD + momentum + L2 weight
+    decay ('sgd'), or AdamW ('adamw').
+
+  Raises:
+    ValueError: an unknown optimizer or a warm-up not shorter than training.
   """
   optim = config.optim
+  if optim.optimizer not in OPTIMIZERS:
+    raise ValueError(
+        f'config.optim.optimizer={optim.optimizer!r} is unknown; valid: '
+        f'{", ".join(OPTIMIZERS)}.')
   if config.total_steps <= 0:
     raise ValueError(
         f'config.total_steps must be positive, got {config.total_steps}.')
@@ -88,10 +118,6 @@ def create_optimizer(
     raise ValueError(
         f'config.optim.warmup_steps={optim.warmup_steps} must be in '
         f'[0, total_steps={config.total_steps}).')
-  decay = optax.add_decayed_weights(
-      optim.weight_decay,
-      mask=lambda params: decay_mask(params, optim.decay_norm_and_bias))
-  return optax.chain(
-      decay,
-      optax.sgd(create_learning_rate_fn(config), momentum=optim.momentum,
-                nesterov=False))
+  mask = lambda params: decay_mask(params, optim.decay_norm_and_bias)
+  return OPTIMIZERS[optim.optimizer](config, create_learning_rate_fn(config),
+                                     mask)

@@ -10,12 +10,13 @@ from pan_jax import optim
 
 
 def _config(total=100, lr=0.01, power=0.9, warmup=0, wd=1e-4, momentum=0.9,
-            decay_norm_and_bias=True):
+            decay_norm_and_bias=True, optimizer='sgd'):
   config = ml_collections.ConfigDict()
   config.total_steps = total
   config.optim = dict(learning_rate=lr, poly_power=power, warmup_steps=warmup,
                       weight_decay=wd, momentum=momentum,
-                      decay_norm_and_bias=decay_norm_and_bias)
+                      decay_norm_and_bias=decay_norm_and_bias,
+                      optimizer=optimizer)
   return config
 
 
@@ -33,6 +34,28 @@ def test_warmup_multiplies_poly():
     expected = 0.01 * min(1.0, step / 10) * (1 - step / 100) ** 0.9
     np.testing.assert_allclose(optim.learning_rate(config, step), expected,
                                rtol=1e-6)
+
+
+def test_unknown_optimizer_is_an_error():
+  with pytest.raises(ValueError, match="optimizer='adam' is unknown; valid: "
+                     'sgd, adamw'):
+    optim.create_optimizer(_config(optimizer='adam'))
+
+
+def test_adamw_follows_schedule_and_mask():
+  config = _config(total=10, lr=0.1, wd=0.5, decay_norm_and_bias=False,
+                   optimizer='adamw')
+  tx = optim.create_optimizer(config)
+  params = {'kernel': jnp.ones((2,)), 'bias': jnp.ones((2,))}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  state = tx.init(params)
+  updates, state = tx.update(zero, state, params)
+  # Zero gradient: only the decoupled decay -lr(0) * wd * p, kernel only.
+  np.testing.assert_allclose(updates['kernel'], -0.1 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(updates['bias'], 0.0)
+  updates, _ = tx.update(zero, state, params)
+  np.testing.assert_allclose(updates['kernel'], -0.1 * 0.9 ** 0.9 * 0.5,
+                             rtol=1e-6)
 
 
 def test_bad_warmup_is_an_error():
