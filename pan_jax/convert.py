@@ -282,8 +282,8 @@ def _unwrap(obj: Any, path: str, torch: Any) -> Tuple[Dict[str, Any], str]:
       rest = f' (ignored: {", ".join(others)})' if others else ''
       return dict(inner), f'state dict in the {key!r} entry{rest}'
   raise ConversionError(
-      f'{path} holds a dict with keys {sorted(map(str, obj))[:10]} but no state '
-      f'dict: expected a mapping of names to tensors, or one under '
+      f'{path} holds a dict with keys {sorted(map(str, obj))[:10]} but no '
+      f'state dict: expected a mapping of names to tensors, or one under '
       f'{" / ".join(map(repr, WRAPPER_KEYS))}')
 
 
@@ -395,11 +395,12 @@ def infer_arch(fmt: str, state: Mapping[str, np.ndarray], path: str) -> Arch:
   suffix = next((s for s, v in ARCH_SUFFIXES[fmt].items()
                  if v == (stem, avg_down)), None)
   if suffix is None:
+    names = ', '.join('resnet<depth>' + s for s in ARCH_SUFFIXES[fmt])
     raise ConversionError(
         f'{path}: a {backbone} with a {stem} stem and '
         f'{"avg-pool" if avg_down else "strided-conv"} shortcuts is no '
-        f'{fmt} architecture pan_jax knows; pick another --format (valid '
-        f'{fmt} names: {", ".join("resnet<depth>" + s for s in ARCH_SUFFIXES[fmt])})')
+        f'{fmt} architecture pan_jax knows ({fmt} names: {names}); try '
+        'another --format')
   return Arch(backbone + suffix, backbone, stem, avg_down)
 
 
@@ -568,7 +569,7 @@ def _abstract_variables(init_fn, size: Tuple[int, int]
   """Flattened {path: ShapeDtypeStruct} of init_fn(rng, images), no compute."""
   images = jax.ShapeDtypeStruct((1,) + tuple(size) + (3,), jnp.float32)
   shapes = jax.eval_shape(lambda x: init_fn(jax.random.PRNGKey(0), x), images)
-  return traverse_util.flatten_dict(pretrained._as_dict(shapes))  # pylint: disable=protected-access
+  return traverse_util.flatten_dict(shapes)
 
 
 def target_variables(fmt: str, arch: Arch
@@ -599,7 +600,8 @@ def _source_module(fmt: str, arch: Arch, path: Tuple[str, ...]) -> str:
   """The PyTorch module name of a pan_jax module path (without collection)."""
   if path[0] != 'backbone':
     if fmt != 'smp' or path not in SMP_HEAD_NAMES:
-      raise ConversionError(f'no {fmt} name for pan_jax module {"/".join(path)}')
+      raise ConversionError(
+          f'no {fmt} name for pan_jax module {"/".join(path)}')
     return SMP_HEAD_NAMES[path]
   prefix = _backbone_prefix(fmt)
   name = path[1]
@@ -742,6 +744,9 @@ def write_checkpoint(output: str, variables: Mapping[str, Any],
                   json.loads(config.to_json()))
     if meta is not None:
       _write_json(os.path.join(tmp, pretrained.DATASET_FILE), dict(meta))
+      # As pan_jax/export.py writes it (no training step to record).
+      _write_json(os.path.join(tmp, pretrained.EXPORT_INFO_FILE),
+                  {'step': None, 'source': info['source']['file']})
     # pretrained.json last: its presence marks a complete directory.
     _write_json(os.path.join(tmp, pretrained.INFO_FILE), dict(info))
     os.rename(tmp, output)

@@ -10,10 +10,13 @@ A converted directory DIR holds:
                        'batch_stats'}: only the 'backbone' subtrees for
                        kind 'backbone', the whole network otherwise.
   DIR/config.json,     whole networks only: with variables/ these make DIR an
-  DIR/dataset.json     inference checkpoint that `pan_jax.evaluate` and
-                       `pan_jax.predict` take as --checkpoint.
+  DIR/dataset.json,    inference checkpoint (pan_jax/export.py's format)
+  DIR/export.json      that `pan_jax.evaluate` and `pan_jax.predict` take as
+                       --checkpoint.
 
-Training starts from such a directory with `--config.model.init_from=DIR`:
+Training starts from such a directory with `--config.model.init_from=DIR`
+(an inference checkpoint written by `python -m pan_jax.export` works too, as
+a whole network):
 train.py calls `load_pretrained(variables, DIR, config)` on the freshly
 initialised variables. Every array is checked against the model's (name and
 shape), so a wrong `--config.model.*` fails with the name of the first
@@ -31,6 +34,7 @@ INFO_FILE = 'pretrained.json'
 VARIABLES_DIR = 'variables'
 CONFIG_FILE = 'config.json'
 DATASET_FILE = 'dataset.json'
+EXPORT_INFO_FILE = 'export.json'
 KINDS = ('backbone', 'network')
 COLLECTIONS = ('params', 'batch_stats')
 # config.model fields that decide what a backbone's weights mean. Shapes catch
@@ -39,31 +43,45 @@ ARCH_FIELDS = ('backbone', 'stem', 'avg_down', 'base_width')
 
 
 def read_info(path: str) -> Dict[str, Any]:
-  """Reads DIR/pretrained.json of a converted directory.
+  """Describes a converted directory, or an inference checkpoint.
 
   Args:
-    path: the converted directory.
+    path: a directory from `python -m pan_jax.convert` (DIR/pretrained.json),
+      or an inference checkpoint from `python -m pan_jax.export` (config.json
+      and variables/, no pretrained.json): that is a whole network too.
 
   Returns:
-    The parsed JSON (keys 'kind', 'source', 'model', ...).
+    {'kind', 'source': {'format', 'arch', ...}, 'model': the config.model
+    fields of ARCH_FIELDS the weights need}.
 
   Raises:
-    FileNotFoundError / ValueError: not a converted directory.
+    FileNotFoundError / ValueError: neither kind of directory.
   """
   info_path = os.path.join(path, INFO_FILE)
+  config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(info_path):
+    if os.path.isfile(config_path) and os.path.isdir(
+        os.path.join(path, VARIABLES_DIR)):
+      model = _read_json(config_path).get('model', {})
+      return {'kind': 'network',
+              'source': {'format': 'pan_jax', 'arch': model.get('backbone')},
+              'model': {k: model[k] for k in ARCH_FIELDS if k in model}}
     raise FileNotFoundError(
         f'{path} is not a converted checkpoint: {info_path} is missing '
         '(make one with `python -m pan_jax.convert`)')
-  with open(info_path) as f:
-    try:
-      info = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{info_path} is not valid JSON: {e}') from e
+  info = _read_json(info_path)
   if info.get('kind') not in KINDS:
     raise ValueError(f'{info_path}: kind must be one of {KINDS}, got '
                      f'{info.get("kind")!r}')
   return info
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON: {e}') from e
 
 
 def restore_variables(path: str) -> Dict[str, Any]:

@@ -263,7 +263,8 @@ def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
   assert 'smp resnet18 (inferred' in message
   assert '5 classes, decoder width 16' in message
   assert sorted(os.listdir(out)) == [
-      'config.json', 'dataset.json', 'pretrained.json', 'variables']
+      'config.json', 'dataset.json', 'export.json', 'pretrained.json',
+      'variables']
   with open(os.path.join(out, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   with open(os.path.join(out, 'dataset.json')) as f:
@@ -278,6 +279,12 @@ def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
   np.testing.assert_array_equal(
       variables['params']['classifier']['kernel'],
       expected[('params', 'classifier', 'kernel')])
+  # Without pretrained.json it is a plain inference checkpoint (what
+  # pan_jax.export writes), which init_from also takes as a whole network.
+  os.remove(os.path.join(out, pretrained.INFO_FILE))
+  _, message = pretrained.load_pretrained(
+      _abstract(config, 5, size=128), out, config)
+  assert 'pan_jax resnet18 weights (network)' in message
 
 
 def test_voc_meta_and_palette():

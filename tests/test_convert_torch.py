@@ -166,22 +166,27 @@ def test_torchvision_dilated_resnet_matches_contract_dilation(tmp_path):
     assert error < TOLERANCE, (i, error)
 
 
-def test_timm_resnet50d_stages_match(tmp_path):
+@pytest.mark.parametrize('output_stride, size', [(32, (64, 64)),
+                                                  (16, (65, 63))])
+def test_timm_resnet50d_stages_match(tmp_path, output_stride, size):
+  # At output stride 16 res5 is dilated and its shortcut pools with timm's
+  # AvgPool2dSame; the odd input size checks the ceil-mode pooling.
   timm = pytest.importorskip('timm')
-  model = _randomise(timm.create_model('resnet50d', pretrained=False),
-                     (64, 64))
-  images = np.random.RandomState(2).randn(1, 64, 64, 3).astype(np.float32)
+  model = _randomise(timm.create_model('resnet50d', pretrained=False,
+                                       output_stride=output_stride), (64, 64))
+  images = np.random.RandomState(2).randn(1, *size, 3).astype(np.float32)
   stem = lambda x: model.act1(model.bn1(model.conv1(x)))
   reference = _torch_stages(model, images, stem)
   # timm's trainer wraps the weights in {'state_dict': ..., 'epoch': ...}.
   features, message = _convert_and_run_backbone(
       tmp_path, 'timm', {'state_dict': model.state_dict(), 'epoch': 3},
-      images)
+      images, output_stride=output_stride, contract_dilation=True)
   assert "'state_dict' entry" in message and 'timm resnet50d' in message
   assert 'avg_down=True' in message and 'stem=deep_narrow' in message
   for i, ref in enumerate(reference):
+    assert features[f'c{i + 2}'].shape == ref.shape
     error = _relative(features[f'c{i + 2}'], ref)
-    print(f'resnet50d c{i + 2}: {error:.2e}')
+    print(f'resnet50d OS{output_stride} c{i + 2}: {error:.2e}')
     assert error < TOLERANCE, (i, error)
 
 
