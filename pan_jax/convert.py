@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
+from absl import logging
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -896,6 +897,9 @@ def main(argv: Sequence[str]) -> None:
   for name in ('format', 'input', 'output'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
+  if not FLAGS['verbosity'].present:
+    # Orbax logs every step of a save at INFO; the summary is what matters.
+    logging.set_verbosity(logging.WARNING)
   try:
     print(convert(FLAGS.format, FLAGS.input, FLAGS.output, FLAGS.arch))
   except ConversionError as e:
