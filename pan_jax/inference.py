@@ -1,0 +1,340 @@
+"""Test-time inference on padded canvases: whole image, multi-scale + flip, slide.
+
+Every function here is pure, takes static shapes and traces under `jax.jit`;
+the batch axis may be sharded over a mesh (nothing here reduces over it).
+
+Images arrive padded to a fixed canvas `[B, Hc, Wc, 3]`, the valid part of
+image b being the top-left `image_sizes[b] = (h, w)`. The model is called as
+`apply_fn(images, image_sizes) -> logits` and masks the padding itself (see
+`models`: global pooling and resizes ignore it), so the prediction on the
+valid region equals the one on the image at its exact size. The functions
+below keep that property through every transformation they add:
+
+* multi-scale: the VALID REGION of each image is resized to
+  `round(scale * (h, w))` and placed top-left on a canvas of
+  `ceil(scale * (Hc, Wc))`; the probabilities come back from the scaled valid
+  region to `(h, w)` the same way. `resize_valid` builds each image's own
+  bilinear weights over its valid pixels only, so padding never leaks into a
+  border pixel; on valid pixels it equals `jax.image.resize` of the cropped
+  image (bilinear, antialiased when downsampling: jax's defaults).
+* flip: the valid region is mirrored in place (`flip_valid`); probabilities are
+  mirrored back before averaging.
+* slide: windows of `window_size` every `window_stride`, placed per image as
+  MMSegmentation does (the last window of a row or column is shifted to end
+  at the image's border); probabilities are averaged over overlapping windows.
+  The number of windows is the canvas's (static); windows beyond a smaller
+  image's own grid have zero weight. When one window covers the image, slide
+  is whole-image inference on a window-sized canvas.
+
+Scores are softmax probabilities averaged over every (scale, flip) pair, all
+at the image's size, as in MMSegmentation's aug_test and the paper's
+multi-scale evaluation.
+"""
+
+import dataclasses
+import math
+from typing import Callable, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+# apply_fn(images [B, H, W, 3] float32, image_sizes [B, 2] int32)
+#   -> logits [B, H, W, K] float32.
+ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+MODES = ('whole', 'slide')
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceOptions:
+  """How predictions are made (static: one compiled program per value).
+
+  Attributes:
+    mode: 'whole' (the canvas at once) or 'slide' (overlapping windows).
+    scales: test-time scales; (1.0,) is single-scale.
+    flip: also run the horizontally mirrored images.
+    window_size: sliding-window (height, width).
+    window_stride: sliding-window stride (height, width), at most the window.
+  """
+  mode: str = 'whole'
+  scales: Tuple[float, ...] = (1.0,)
+  flip: bool = False
+  window_size: Tuple[int, int] = (512, 512)
+  window_stride: Tuple[int, int] = (341, 341)
+
+  def __post_init__(self):
+    # Configs read back from JSON hold lists; keep the dataclass hashable.
+    object.__setattr__(self, 'scales', tuple(float(s) for s in self.scales))
+    object.__setattr__(self, 'window_size',
+                       tuple(int(s) for s in self.window_size))
+    object.__setattr__(self, 'window_stride',
+                       tuple(int(s) for s in self.window_stride))
+    if self.mode not in MODES:
+      raise ValueError(f'eval mode {self.mode!r} is not one of {MODES}')
+    if not self.scales or any(s <= 0 for s in self.scales):
+      raise ValueError(f'eval scales must be positive, got {self.scales}')
+    if len(self.window_size) != 2 or min(self.window_size) < 1:
+      raise ValueError(
+          f'eval window_size must be (height, width) >= 1, got '
+          f'{self.window_size}')
+    if (len(self.window_stride) != 2 or min(self.window_stride) < 1 or
+        any(s > w for s, w in zip(self.window_stride, self.window_size))):
+      raise ValueError(
+          f'eval window_stride must be (height, width) in [1, window_size '
+          f'{self.window_size}] (a larger stride leaves pixels unseen), got '
+          f'{self.window_stride}')
+
+  @classmethod
+  def from_config(cls, eval_config, **overrides) -> 'InferenceOptions':
+    """Options from `config.eval`, with non-None `overrides` taking precedence.
+
+    Args:
+      eval_config: the `config.eval` ConfigDict (mode, scales, flip,
+        window_size, window_stride).
+      **overrides: field values to use instead (None = keep the config's).
+
+    Returns:
+      InferenceOptions.
+    """
+    fields = {f.name: eval_config[f.name] for f in dataclasses.fields(cls)}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**fields)
+
+
+def predict_probs(apply_fn: ApplyFn, images: jax.Array,
+                  image_sizes: jax.Array,
+                  options: InferenceOptions) -> jax.Array:
+  """Softmax probabilities averaged over scales and flips.
+
+  Args:
+    apply_fn: the model, `apply_fn(images, image_sizes) -> logits`.
+    images: float32 [B, H, W, 3] canvases (normalized; padding anywhere right
+      of / below the valid region).
+    image_sizes: int [B, 2] valid (height, width) of each image.
+    options: InferenceOptions.
+
+  Returns:
+    float32 [B, H, W, K] probabilities; only each image's valid region is
+    meaningful (the rest is zero or arbitrary).
+  """
+  height, width = images.shape[1:3]
+  image_sizes = image_sizes.astype(jnp.int32)
+  base = _slide if options.mode == 'slide' else _whole
+  total = None
+  for scale in options.scales:
+    if scale == 1.0:
+      scaled_images, scaled_sizes = images, image_sizes
+    else:
+      canvas = (math.ceil(height * scale), math.ceil(width * scale))
+      scaled_sizes = scale_sizes(image_sizes, scale)
+      scaled_images = resize_valid(images, image_sizes, canvas, scaled_sizes)
+    for flip in (False, True) if options.flip else (False,):
+      inputs = (flip_valid(scaled_images, scaled_sizes[:, 1]) if flip
+                else scaled_images)
+      probs = base(apply_fn, inputs, scaled_sizes, options)
+      if flip:
+        probs = flip_valid(probs, scaled_sizes[:, 1])
+      if scale != 1.0:
+        probs = resize_valid(probs, scaled_sizes, (height, width), image_sizes)
+      total = probs if total is None else total + probs
+  count = len(options.scales) * (2 if options.flip else 1)
+  return total if count == 1 else total / count
+
+
+def predict(apply_fn: ApplyFn, images: jax.Array, image_sizes: jax.Array,
+            options: InferenceOptions) -> jax.Array:
+  """Predicted classes: argmax of `predict_probs`.
+
+  Args:
+    apply_fn: the model, `apply_fn(images, image_sizes) -> logits`.
+    images: float32 [B, H, W, 3] canvases.
+    image_sizes: int [B, 2] valid (height, width).
+    options: InferenceOptions.
+
+  Returns:
+    int32 [B, H, W] class ids (meaningful on each valid region).
+  """
+  probs = predict_probs(apply_fn, images, image_sizes, options)
+  return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+
+
+def scale_sizes(image_sizes: jax.Array, scale: float) -> jax.Array:
+  """Valid sizes after scaling: round(scale * size), at least 1.
+
+  Args:
+    image_sizes: int [B, 2].
+    scale: positive float.
+
+  Returns:
+    int32 [B, 2].
+  """
+  scaled = jnp.floor(image_sizes.astype(jnp.float32) * scale + 0.5)
+  return jnp.maximum(scaled, 1).astype(jnp.int32)
+
+
+def resize_valid(x: jax.Array, sizes: jax.Array, shape: Sequence[int],
+                 new_sizes: jax.Array, antialias: bool = True) -> jax.Array:
+  """Bilinearly resizes each image's valid region to its new valid size.
+
+  Image b's top-left `sizes[b]` pixels are resized to `new_sizes[b]` and put
+  top-left on a canvas of `shape`; everything else of the output is zero. The
+  weights are those of `jax.image.resize(..., 'bilinear', antialias)` for the
+  cropped image (half-pixel centres), computed per image so that pixels
+  outside the valid region get no weight.
+
+  Args:
+    x: float [B, H, W, C].
+    sizes: int [B, 2] valid (height, width) of `x`.
+    shape: static output (height, width).
+    new_sizes: int [B, 2] valid (height, width) of the output, within shape.
+    antialias: widen the kernel when downsampling (jax.image.resize default).
+
+  Returns:
+    [B, shape[0], shape[1], C] array of x's dtype.
+  """
+  rows = _resize_weights(x.shape[1], shape[0], sizes[:, 0], new_sizes[:, 0],
+                         antialias).astype(x.dtype)  # [B, H', H]
+  cols = _resize_weights(x.shape[2], shape[1], sizes[:, 1], new_sizes[:, 1],
+                         antialias).astype(x.dtype)  # [B, W', W]
+  # HIGHEST: TPUs would otherwise multiply float32 in bfloat16 passes, and
+  # identity rows must copy pixels exactly.
+  precision = jax.lax.Precision.HIGHEST
+  x = jnp.einsum('boh,bhwc->bowc', rows, x, precision=precision)
+  return jnp.einsum('bpw,bowc->bopc', cols, x, precision=precision)
+
+
+def _resize_weights(in_size: int, out_size: int, in_valid: jax.Array,
+                    out_valid: jax.Array, antialias: bool) -> jax.Array:
+  """Per-image bilinear weights [B, out_size, in_size] over valid pixels.
+
+  Mirrors jax's `compute_weight_mat` (jax/_src/image/scale.py) with the input
+  size replaced by each image's valid size.
+  """
+  in_valid = in_valid.astype(jnp.float32)[:, None, None]  # [B, 1, 1]
+  out_valid = out_valid.astype(jnp.float32)[:, None, None]
+  inv_scale = 1.0 / (out_valid / in_valid)
+  kernel_scale = jnp.maximum(inv_scale, 1.0) if antialias else 1.0
+  out_index = jnp.arange(out_size, dtype=jnp.float32)[None, :, None]
+  in_index = jnp.arange(in_size, dtype=jnp.float32)[None, None, :]
+  # Position in the input of each output pixel's centre.
+  sample = (out_index + 0.5) * inv_scale - 0.5  # [B, out, 1]
+  weights = jnp.maximum(
+      0.0, 1.0 - jnp.abs(sample - in_index) / kernel_scale)  # triangle
+  weights = jnp.where(in_index < in_valid, weights, 0.0)
+  # Renormalise over the valid inputs: at the border this is jax's clamping.
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  weights = jnp.where(
+      jnp.abs(total) > 1000.0 * jnp.finfo(jnp.float32).eps,
+      weights / jnp.where(total != 0, total, 1.0), 0.0)
+  inside = (sample >= -0.5) & (sample <= in_valid - 0.5) & (
+      out_index < out_valid)
+  return jnp.where(inside, weights, 0.0)
+
+
+def flip_valid(x: jax.Array, widths: jax.Array) -> jax.Array:
+  """Mirrors each image's valid columns in place; padding columns stay put.
+
+  Args:
+    x: [B, H, W, C].
+    widths: int [B] valid widths.
+
+  Returns:
+    [B, H, W, C]; column j < widths[b] of image b is column widths[b]-1-j.
+  """
+  column = jnp.arange(x.shape[2])
+  source = jnp.where(column[None, :] < widths[:, None],
+                     widths[:, None] - 1 - column[None, :],
+                     column[None, :])  # [B, W]
+  return jax.vmap(lambda image, index: jnp.take(image, index, axis=1))(
+      x, source)
+
+
+def _whole(apply_fn: ApplyFn, images: jax.Array, image_sizes: jax.Array,
+           options: InferenceOptions) -> jax.Array:
+  """Probabilities of the whole canvas in one call."""
+  del options  # Whole-image inference has no options of its own.
+  return jax.nn.softmax(apply_fn(images, image_sizes), axis=-1)
+
+
+def num_windows(size, window: int, stride: int):
+  """Windows along one axis (MMSegmentation's count); int or int array.
+
+  Args:
+    size: image size along the axis (Python int or int array).
+    window: window size.
+    stride: window stride.
+
+  Returns:
+    max(size - window + stride - 1, 0) // stride + 1, same type as `size`.
+  """
+  if isinstance(size, int):
+    return max(size - window + stride - 1, 0) // stride + 1
+  return jnp.maximum(size - window + stride - 1, 0) // stride + 1
+
+
+def _slide(apply_fn: ApplyFn, images: jax.Array, image_sizes: jax.Array,
+           options: InferenceOptions) -> jax.Array:
+  """Probabilities averaged over overlapping windows (see module docstring)."""
+  batch, height, width, _ = images.shape
+  window_h, window_w = options.window_size
+  stride_h, stride_w = options.window_stride
+  # A canvas smaller than the window is padded so every window has one shape
+  # (the padding is outside every valid region, hence masked by the model).
+  canvas_h, canvas_w = max(height, window_h), max(width, window_w)
+  images = jnp.pad(images, ((0, 0), (0, canvas_h - height),
+                            (0, canvas_w - width), (0, 0)))
+  rows = num_windows(canvas_h, window_h, stride_h)
+  cols = num_windows(canvas_w, window_w, stride_w)
+  heights, widths = image_sizes[:, 0], image_sizes[:, 1]  # [B]
+  image_rows = num_windows(heights, window_h, stride_h)
+  image_cols = num_windows(widths, window_w, stride_w)
+
+  crop = jax.vmap(lambda image, top, left: jax.lax.dynamic_slice(
+      image, (top, left, 0), (window_h, window_w, image.shape[-1])))
+
+  def add_at(canvas, patch, top, left):
+    start = (top, left, 0)
+    return jax.lax.dynamic_update_slice(
+        canvas,
+        jax.lax.dynamic_slice(canvas, start, patch.shape) + patch, start)
+
+  def window_probs(index):
+    """Probabilities of window `index` of every image, and their weights."""
+    row, col = index // cols, index % cols
+    # MMSegmentation: the window starts at row * stride unless that runs past
+    # the image, in which case it ends at the image's border (or starts at 0).
+    top = jnp.maximum(jnp.minimum(row * stride_h + window_h, heights)
+                      - window_h, 0)  # [B]
+    left = jnp.maximum(jnp.minimum(col * stride_w + window_w, widths)
+                       - window_w, 0)
+    crop_sizes = jnp.stack([jnp.minimum(window_h, heights - top),
+                            jnp.minimum(window_w, widths - left)], axis=1)
+    probs = jax.nn.softmax(
+        apply_fn(crop(images, top, left), crop_sizes), axis=-1)
+    weight = ((jnp.arange(window_h)[None, :, None] < crop_sizes[:, 0, None,
+                                                                None]) &
+              (jnp.arange(window_w)[None, None, :] < crop_sizes[:, 1, None,
+                                                                None]) &
+              ((row < image_rows) & (col < image_cols))[:, None, None])
+    weight = weight[..., None].astype(jnp.float32)  # [B, h, w, 1]
+    return probs * weight, weight, top, left
+
+  def body(index, carry):
+    total, count = carry
+    probs, weight, top, left = window_probs(index)
+    total = jax.vmap(add_at)(total, probs, top, left)
+    count = jax.vmap(add_at)(count, weight, top, left)
+    return total, count
+
+  # A loop, not unrolled Python, keeps one copy of the model in the program.
+  num_classes = jax.eval_shape(
+      apply_fn,
+      jax.ShapeDtypeStruct((batch, window_h, window_w, images.shape[-1]),
+                           images.dtype),
+      image_sizes).shape[-1]
+  total = jnp.zeros((batch, canvas_h, canvas_w, num_classes), jnp.float32)
+  count = jnp.zeros((batch, canvas_h, canvas_w, 1), jnp.float32)
+  total, count = jax.lax.fori_loop(0, rows * cols, body, (total, count))
+  # Padding pixels have count 0; every valid pixel is covered at least once.
+  probs = total / jnp.maximum(count, 1.0)
+  return probs[:, :height, :width]
