@@ -56,8 +56,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pan_jax import export
 from pan_jax import models
 from pan_jax import pretrained
+from pan_jax.data import sources
+from pan_jax.data import voc
 from pan_jax.models import resnet
 
 FORMATS = ('torchvision', 'timm', 'mmseg', 'smp')
@@ -126,13 +129,6 @@ SAFETENSORS_DTYPES = {
 # preference (mmcv/mmseg and timm's trainer: 'state_dict'; torchvision's
 # reference scripts: 'model').
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'net')
-
-VOC_CLASS_NAMES = (
-    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus',
-    'car', 'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike',
-    'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
-IGNORE_LABEL = 255
-
 
 class ConversionError(ValueError):
   """A file that cannot be converted; the message names the key or field."""
@@ -539,30 +535,15 @@ def smp_config(backbone: str, num_classes: int = 21,
   return config
 
 
-def dataset_meta(num_classes: int) -> Dict[str, Any]:
+def dataset_meta(num_classes: int) -> sources.DatasetMeta:
   """dataset.json of a converted smp model: VOC's classes, or generic ones."""
-  if num_classes == 21:
-    name, names = 'voc2012_aug', list(VOC_CLASS_NAMES)
+  if num_classes == len(voc.CLASS_NAMES):
+    name, names = 'voc2012_aug', tuple(voc.CLASS_NAMES)
   else:
-    name, names = 'folder', [f'class_{i}' for i in range(num_classes)]
-  return {'name': name, 'num_classes': num_classes, 'class_names': names,
-          'palette': [list(c) for c in voc_palette(num_classes)],
-          'ignore_label': IGNORE_LABEL}
-
-
-def voc_palette(num_classes: int) -> List[Tuple[int, int, int]]:
-  """The PASCAL VOC colour map (bit-interleaved class ids)."""
-  palette = []
-  for i in range(num_classes):
-    r = g = b = 0
-    c = i
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette.append((r, g, b))
-  return palette
+    name, names = 'folder', tuple(f'class_{i}' for i in range(num_classes))
+  return sources.DatasetMeta(name=name, num_classes=num_classes,
+                             class_names=names,
+                             palette=tuple(voc.color_map(num_classes)))
 
 
 def _abstract_variables(init_fn, size: Tuple[int, int]
@@ -712,18 +693,20 @@ def _write_json(path: str, value: Any) -> None:
 def write_checkpoint(output: str, variables: Mapping[str, Any],
                      info: Mapping[str, Any],
                      config: Optional[ml_collections.ConfigDict] = None,
-                     meta: Optional[Mapping[str, Any]] = None) -> None:
+                     meta: Optional[sources.DatasetMeta] = None) -> None:
   """Writes a converted directory (pan_jax/pretrained.py documents it).
 
-  Everything is written into a temporary sibling directory that is renamed
-  to `output` at the end, so `output` is complete or absent.
+  A whole network (`config` given) is written by pan_jax.export as an
+  inference checkpoint, then pretrained.json is added. A backbone is written
+  into a temporary sibling directory that is renamed to `output` at the end.
+  Either way `output` appears only once its variables are complete.
 
   Args:
     output: the directory to create; must not exist.
     variables: {'params', 'batch_stats'} numpy tree.
     info: contents of pretrained.json.
-    config: whole config (networks): written as config.json.
-    meta: dataset metadata (networks): written as dataset.json.
+    config: whole config (networks only).
+    meta: dataset metadata (networks only).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   output = os.path.abspath(output)
@@ -731,6 +714,13 @@ def write_checkpoint(output: str, variables: Mapping[str, Any],
     raise ConversionError(
         f'--output={output} already exists; choose a new directory or remove '
         'it')
+  if config is not None:
+    export.save_inference_checkpoint(output, config, meta, dict(variables),
+                                     source=info['source']['file'])
+    # Added last; without it the directory is still a valid inference
+    # checkpoint, which pretrained.read_info also understands.
+    _write_json(os.path.join(output, pretrained.INFO_FILE), dict(info))
+    return
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + '.tmp', dir=parent)
@@ -740,15 +730,6 @@ def write_checkpoint(output: str, variables: Mapping[str, Any],
                       dict(variables))
     checkpointer.wait_until_finished()
     checkpointer.close()
-    if config is not None:
-      _write_json(os.path.join(tmp, pretrained.CONFIG_FILE),
-                  json.loads(config.to_json()))
-    if meta is not None:
-      _write_json(os.path.join(tmp, pretrained.DATASET_FILE), dict(meta))
-      # As pan_jax/export.py writes it (no training step to record).
-      _write_json(os.path.join(tmp, pretrained.EXPORT_INFO_FILE),
-                  {'step': None, 'source': info['source']['file']})
-    # pretrained.json last: its presence marks a complete directory.
     _write_json(os.path.join(tmp, pretrained.INFO_FILE), dict(info))
     os.rename(tmp, output)
   except BaseException:

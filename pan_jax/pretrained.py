@@ -16,8 +16,7 @@ A converted directory DIR holds:
 
 Training starts from such a directory with `--config.model.init_from=DIR`
 (an inference checkpoint written by `python -m pan_jax.export` works too, as
-a whole network):
-train.py calls `load_pretrained(variables, DIR, config)` on the freshly
+a whole network): train.py calls `load_pretrained(variables, DIR, config)` on the freshly
 initialised variables. Every array is checked against the model's (name and
 shape), so a wrong `--config.model.*` fails with the name of the first
 mismatched array and the overrides the weights need.
@@ -30,13 +29,14 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from flax import traverse_util
 import numpy as np
 
+from pan_jax import export
+
 INFO_FILE = 'pretrained.json'
-VARIABLES_DIR = 'variables'
-CONFIG_FILE = 'config.json'
-DATASET_FILE = 'dataset.json'
-EXPORT_INFO_FILE = 'export.json'
+# The parts of an inference checkpoint (pan_jax/export.py).
+VARIABLES_DIR = export.VARIABLES_DIR
+CONFIG_FILE = export.CONFIG_FILE
+DATASET_FILE = export.DATASET_FILE
 KINDS = ('backbone', 'network')
-COLLECTIONS = ('params', 'batch_stats')
 # config.model fields that decide what a backbone's weights mean. Shapes catch
 # most mismatches, but avg_down changes no shape: only this check sees it.
 ARCH_FIELDS = ('backbone', 'stem', 'avg_down', 'base_width')
@@ -86,35 +86,19 @@ def _read_json(path: str) -> Dict[str, Any]:
 
 def restore_variables(path: str) -> Dict[str, Any]:
   """Reads DIR/variables as a nested dict of host numpy arrays."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   item = os.path.join(os.path.abspath(path), VARIABLES_DIR)
   if not os.path.isdir(item):
     raise FileNotFoundError(f'{item} is missing: {path} is not a complete '
                             'converted checkpoint')
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    # Restoring onto numpy targets keeps everything on the host, whatever the
-    # devices: the caller places the arrays.
-    metadata = checkpointer.metadata(item).item_metadata.tree
-    target = _map_leaves(
-        lambda m: np.zeros(m.shape, m.dtype), _as_dict(metadata))
-    restored = checkpointer.restore(item, target)
-  finally:
-    checkpointer.close()
-  return _map_leaves(np.asarray, _as_dict(restored))
+  # Restored onto numpy targets: host arrays whatever the devices.
+  return _as_dict(export.restore_variables(item))
 
 
 def _as_dict(tree: Any) -> Any:
-  """Nested Mappings (FrozenDict, orbax metadata trees) as plain dicts."""
+  """Nested Mappings (FrozenDict, orbax trees) as plain dicts."""
   if isinstance(tree, Mapping):
     return {k: _as_dict(v) for k, v in tree.items()}
   return tree
-
-
-def _map_leaves(fn, tree: Any) -> Any:
-  if isinstance(tree, dict):
-    return {k: _map_leaves(fn, v) for k, v in tree.items()}
-  return fn(tree)
 
 
 def required_overrides(info: Mapping[str, Any]) -> str:

@@ -289,7 +289,6 @@ def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
 
 def test_voc_meta_and_palette():
   meta = convert.dataset_meta(21)
-  assert meta['name'] == 'voc2012_aug'
-  assert meta['class_names'][15] == 'person'
-  assert meta['palette'][:3] == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
-  assert meta['palette'][15] == [192, 128, 128]
+  assert meta.name == 'voc2012_aug' and meta.ignore_label == 255
+  assert meta.class_names[15] == 'person'
+  assert meta.palette[:3] == ((0, 0, 0), (128, 0, 0), (0, 128, 0))
