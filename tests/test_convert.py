@@ -279,6 +279,18 @@ def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
   np.testing.assert_array_equal(
       variables['params']['classifier']['kernel'],
       expected[('params', 'classifier', 'kernel')])
+  # A whole network must be loaded into the network it was trained as...
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model.fpa.pooling = 'avg'
+  with pytest.raises(ValueError, match=r"model.fpa.pooling='avg' \(the "
+                     r"network has 'max'\)"):
+    pretrained.load_pretrained(_abstract(other, 5, size=128), out, other)
+  # ... though its output stride may change.
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model.output_stride = 8
+  _, message = pretrained.load_pretrained(
+      _abstract(other, 5, size=128), out, other)
+  assert 'saved config: model.output_stride: 16 -> 8' in message
   # Without pretrained.json it is a plain inference checkpoint (what
   # pan_jax.export writes), which init_from also takes as a whole network.
   os.remove(os.path.join(out, pretrained.INFO_FILE))
