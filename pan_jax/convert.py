@@ -195,6 +195,8 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     header = json.loads(data[8:8 + header_size])
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConversionError(f'{path}: unreadable safetensors header: {e}') from e
+  if not isinstance(header, dict):
+    raise ConversionError(f'{path}: the safetensors header is not a mapping')
   body = memoryview(data)[8 + header_size:]
   state = {}
   for name, entry in header.items():
@@ -209,6 +211,10 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
           f'{path}: tensor {name!r} has a malformed header entry {entry!r}'
           ) from e
     want = int(np.prod(shape)) * dtype.itemsize
+    if not 0 <= begin <= end:
+      raise ConversionError(
+          f'{path}: tensor {name!r} has invalid data offsets {begin}..{end}: '
+          'the file is corrupted')
     if end > len(body):
       raise ConversionError(
           f'{path}: tensor {name!r} (shape {shape}) lies at bytes '
@@ -224,8 +230,9 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def _to_numpy_dtype(array: np.ndarray) -> np.ndarray:
+  """A writable copy; floating point (incl. bfloat16) as float32."""
   if np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16:
-    return np.asarray(array, np.float32)
+    return np.array(array, np.float32)
   return np.array(array)
 
 
@@ -244,7 +251,6 @@ def _read_torch(path: str) -> Tuple[Dict[str, np.ndarray], str]:
     # weights_only refuses pickled code (UnpicklingError); a truncated or
     # corrupted zip archive raises RuntimeError. Either way, say which file.
     detail = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    hint = ''
     if 'weights_only' in str(e) or 'Unsupported global' in str(e):
       hint = (' The file pickles Python objects besides tensors; re-save '
               'only the weights: torch.save(model.state_dict(), FILE).')
@@ -441,9 +447,12 @@ def _check_format(fmt: str, state: Mapping[str, Any], path: str) -> None:
 
 def _split_mmseg(state: Dict[str, np.ndarray]
                  ) -> Tuple[Dict[str, np.ndarray], List[str]]:
-  """mmseg checkpoints prefix the backbone with 'backbone.'; drop the heads."""
-  if not any(k.startswith('backbone.') for k in state):
-    return state, []
+  """The 'backbone.*' part of an mmseg segmentation checkpoint.
+
+  Returns:
+    (backbone state dict without the prefix, the decode_head.* and
+    auxiliary_head.* keys left out).
+  """
   backbone, heads, other = {}, [], []
   for key, value in state.items():
     if key.startswith('backbone.'):
@@ -463,8 +472,9 @@ def _split_mmseg(state: Dict[str, np.ndarray]
 # ----------------------------------------------------------------- targets --
 
 
-def _bn(train: bool = False):
-  return functools.partial(nn.BatchNorm, use_running_average=not train,
+def _bn():
+  """BatchNorm in inference mode (momentum and epsilon as configs/base.py)."""
+  return functools.partial(nn.BatchNorm, use_running_average=True,
                            momentum=0.9, epsilon=1e-5)
 
 
@@ -778,10 +788,9 @@ def convert(fmt: str, input_path: str, output: str,
     raise ConversionError(f'--format={fmt!r}; valid: {", ".join(FORMATS)}')
   state, note = read_state_dict(input_path)
   heads = []
-  if fmt == 'mmseg':
+  if fmt == 'mmseg' and any(k.startswith('backbone.') for k in state):
     state, heads = _split_mmseg(state)
-    if heads:
-      note += ", 'backbone.' prefix stripped"
+    note += ", 'backbone.' prefix stripped"
   _check_format(fmt, state, input_path)
 
   if fmt == 'smp':

@@ -54,10 +54,11 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(autouse=True)
 def _precise():
-  """float32 matmuls/convs at full precision, few torch threads."""
+  """float32 matmuls/convs at full precision, few torch threads, seeded."""
   previous = jax.config.jax_default_matmul_precision
   jax.config.update('jax_default_matmul_precision', 'highest')
   torch.set_num_threads(2)
+  torch.manual_seed(0)  # The models' own random initialisation.
   yield
   jax.config.update('jax_default_matmul_precision', previous)
 
