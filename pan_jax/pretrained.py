@@ -226,7 +226,8 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
         f'{path} has no array for the model\'s {"/".join(missing[0])} '
         f'(shape {tuple(target[missing[0]].shape)}); {len(missing)} missing '
         f'in all{hint}')
-  extra = [k for k in source if k not in target]
+  covered_set = set(covered)
+  extra = [k for k in source if k not in covered_set]
   if extra:
     raise ValueError(
         f'{path} holds {"/".join(extra[0])} (shape '
