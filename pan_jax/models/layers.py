@@ -119,7 +119,9 @@ def pool2x2(x: Array, sizes: Optional[Array], kind: str, ceil: bool) -> Array:
     total = jnp.sum(jnp.where(mask, x, 0), axis=(2, 4))
     count = jnp.sum(mask, axis=(2, 4)).astype(x.dtype)
     out = total / jnp.maximum(count, 1)
-  return out
+  # In floor mode a window straddling the valid border would be a valid pixel
+  # on the canvas but does not exist at the exact size: zero it.
+  return mask_invalid(out, down_sizes(sizes, ceil))
 
 
 def _interp_weights(src: Array, in_valid: Array, in_size: int) -> Array:

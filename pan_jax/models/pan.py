@@ -80,6 +80,7 @@ class PAN(nn.Module):
     self._check(images, image_sizes)
     if image_sizes is not None:
       image_sizes = jnp.asarray(image_sizes, jnp.int32)
+      images = layers.mask_invalid(images, image_sizes)
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train,
         momentum=self.bn_momentum, epsilon=self.bn_epsilon,

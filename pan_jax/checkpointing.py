@@ -1,0 +1,369 @@
+"""Training workdir: Orbax checkpoints, run metadata, preemption.
+
+Layout of a training workdir (`--workdir=RUN`):
+
+  RUN/checkpoints/<step>/state      train state (params, batch_stats,
+                                     opt_state, step): Orbax PyTree
+  RUN/checkpoints/<step>/data_iter  grain iterator position, one JSON file
+                                     per process
+  RUN/config.json                   the run's ConfigDict (config.to_json())
+  RUN/dataset.json                  the dataset's metadata (classes, palette)
+
+One `ocp.CheckpointManager` saves asynchronously every
+`config.checkpoint_every_steps`, at the last step and when the run is
+stopped (SIGTERM/SIGINT, or Orbax's multi-host preemption sync point), and
+keeps the newest `config.max_checkpoints_to_keep`.
+
+The state restores onto any device count because it is restored against a
+`jax.eval_shape` target that carries the new shardings. The data iterator's
+state is per process and grain refuses it under another process count or
+worker count: then the iterator starts afresh and the user is told.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import tempfile
+from typing import Any, Optional
+
+from absl import logging
+import grain
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = 'checkpoints'
+CONFIG_FILE = 'config.json'
+DATASET_FILE = 'dataset.json'
+
+# Config fields that must equal the saved config's to resume a workdir: they
+# change the network's parameters or the data it learns from. Everything else
+# (cadences, total_steps, data_dir, workers, eval.*, optim.*) may change
+# between runs; differences are logged.
+RESUME_INVARIANT_FIELDS = (
+    'model', 'data.name', 'data.train_split', 'data.crop_size',
+    'data.min_scale', 'data.max_scale')
+# Inside 'model', fields that only matter for a fresh start.
+_IGNORED_ON_RESUME = ('model.init_from',)
+
+
+def create_manager(workdir: str, config: ml_collections.ConfigDict
+                   ) -> ocp.CheckpointManager:
+  """The run's CheckpointManager in WORKDIR/checkpoints.
+
+  Args:
+    workdir: the training workdir (local path or gs://...).
+    config: reads checkpoint_every_steps and max_checkpoints_to_keep.
+
+  Returns:
+    An asynchronous ocp.CheckpointManager with items 'state' and 'data_iter'.
+  """
+  every = config.checkpoint_every_steps
+  if every <= 0:
+    raise ValueError(
+        f'config.checkpoint_every_steps must be positive, got {every}.')
+  if config.max_checkpoints_to_keep <= 0:
+    raise ValueError('config.max_checkpoints_to_keep must be positive, got '
+                     f'{config.max_checkpoints_to_keep}.')
+  policies = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+      save_decision_policy=policies.AnySavePolicy([
+          policies.FixedIntervalPolicy(every),
+          policies.PreemptionCheckpointingPolicy()]),
+      preservation_policy=policies.LatestN(config.max_checkpoints_to_keep),
+      enable_async_checkpointing=True,
+      create=True)
+  return ocp.CheckpointManager(
+      os.path.join(workdir, CHECKPOINT_DIR),
+      item_names=('state', 'data_iter'),
+      item_handlers={'state': _state_handler(),
+                     'data_iter': grain.checkpoint.CheckpointHandler()},
+      options=options)
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """The PyTree handler of the 'state' item.
+
+  Orbax saves replicated arrays "replica-parallel" by default on CPU and TPU:
+  each replica writes a slice, which compiles one slicing program per array
+  shape (~20 s for PAN's ~300 arrays over 8 CPU devices, on every first
+  save). It is meant for many-host TPU pods; on CPU it is pure overhead, so
+  there each array is written from one replica (Orbax already does so on GPU).
+  """
+  if jax.default_backend() != 'cpu':
+    return ocp.PyTreeCheckpointHandler()
+  handlers = [(ty, ocp.type_handlers.get_type_handler(ty))
+              for ty in ocp.type_handlers.supported_types()
+              if ty is not jax.Array]
+  handlers.insert(0, (jax.Array, ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=False)))
+  registry = ocp.type_handlers.create_type_handler_registry(*handlers)
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any,
+         data_iter: Any, force: bool = False) -> bool:
+  """Starts an asynchronous save of `state` and `data_iter` at `step`.
+
+  The device-to-host copy happens before this returns, so the caller may
+  donate `state` to the next train step right away.
+
+  Args:
+    manager: from `create_manager`.
+    step: the number of train steps `state` has taken.
+    state: the TrainState (global jax.Arrays).
+    data_iter: the grain iterator, positioned after the last batch used.
+    force: save even if the manager's policy says no (end of run, stop).
+
+  Returns:
+    Whether a save was started.
+  """
+  return manager.save(
+      step,
+      args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state),
+          data_iter=grain.checkpoint.CheckpointSave(data_iter)),
+      force=force)
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int,
+                  abstract_state: Any) -> Any:
+  """Restores the train state saved at `step` onto `abstract_state`.
+
+  Args:
+    manager: from `create_manager`.
+    step: a saved step.
+    abstract_state: `jax.eval_shape` of the state, each leaf a
+      jax.ShapeDtypeStruct carrying the sharding to restore onto. This is
+      what lets a checkpoint written on N devices restore on M.
+
+  Returns:
+    The restored state, with the structure of `abstract_state`.
+  """
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+  restored = manager.restore(
+      step,
+      args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract_state, restore_args=restore_args)))
+  return restored['state']
+
+
+def restore_data_iter(manager: ocp.CheckpointManager, step: int,
+                      data_iter: Any) -> bool:
+  """Moves `data_iter` to its position saved at `step`, if grain can.
+
+  Args:
+    manager: from `create_manager`.
+    step: a saved step.
+    data_iter: a freshly built grain iterator of the same pipeline.
+
+  Returns:
+    True if restored; False if the saved state does not fit this run (other
+    process count or worker count). Then `data_iter` is left at its start
+    and a warning says so: the run continues with a reshuffled data order.
+  """
+  try:
+    manager.restore(
+        step,
+        args=ocp.args.Composite(
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    return True
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    logging.warning(
+        'The data iterator state saved at step %d does not fit this run '
+        '(saved with another process count or data.num_workers?): %s. '
+        'The model state is restored, but the data pipeline starts again '
+        'from the beginning of its order, so this run does not see exactly '
+        'the batches an uninterrupted run would have seen. Resume with the '
+        'original process count and data.num_workers to avoid that.', step, e)
+    return False
+
+
+def restore_variables(workdir: str, step: Optional[int] = None
+                      ) -> tuple[dict[str, Any], int]:
+  """Reads only the model variables of a training workdir, as NumPy.
+
+  Works on any device and process count (every process reads the whole
+  arrays), and needs neither the model nor the optimiser.
+
+  Args:
+    workdir: a training workdir (the directory holding checkpoints/).
+    step: the step to read; None means the latest.
+
+  Returns:
+    ({'params': ..., 'batch_stats': ...} as trees of np.ndarray, step).
+
+  Raises:
+    FileNotFoundError: no checkpoint (at `step`) in the workdir.
+  """
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  manager = ocp.CheckpointManager(
+      directory, item_names=('state', 'data_iter'),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'No checkpoint in {directory}.')
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(
+          f'No checkpoint for step {step} in {directory}; saved steps: '
+          f'{sorted(steps)}.')
+    metadata = manager.item_metadata(step)['state']
+    tree = getattr(metadata, 'tree', metadata)
+    wanted = {name: tree[name] for name in ('params', 'batch_stats')}
+    restore_args = jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=wanted, restore_args=restore_args, partial_restore=True)))
+  finally:
+    manager.close()
+  return dict(restored['state']), step
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to `path` atomically (temp file, then rename).
+
+  Only process 0 writes; other processes return at once.
+  """
+  if jax.process_index() != 0:
+    return
+  directory = os.path.dirname(path) or '.'
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_')
+  with os.fdopen(fd, 'w') as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def meta_to_json(meta: Any) -> dict[str, Any]:
+  """A dataset metadata object (dataclass, NamedTuple or dict) as JSON."""
+  if dataclasses.is_dataclass(meta):
+    value = dataclasses.asdict(meta)
+  elif hasattr(meta, '_asdict'):
+    value = meta._asdict()
+  else:
+    value = dict(meta)
+  return json.loads(json.dumps(value))  # Tuples become lists, as on reload.
+
+
+def save_run_info(workdir: str, config: ml_collections.ConfigDict,
+                  meta: Any) -> None:
+  """Writes WORKDIR/config.json and WORKDIR/dataset.json (process 0)."""
+  write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
+  write_json(os.path.join(workdir, DATASET_FILE), meta_to_json(meta))
+
+
+def _flatten(value: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}; lists stay leaves."""
+  if not isinstance(value, dict):
+    return {prefix: value}
+  flat = {}
+  for key, item in value.items():
+    flat.update(_flatten(item, f'{prefix}.{key}' if prefix else key))
+  return flat
+
+
+def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir whose checkpoints came from another model.
+
+  Compares `config` with WORKDIR/config.json on RESUME_INVARIANT_FIELDS and
+  logs every other difference. Does nothing for a workdir without
+  checkpoints.
+
+  Args:
+    workdir: the training workdir.
+    config: this run's configuration.
+
+  Raises:
+    ValueError: checkpoints exist and an invariant field differs, or
+      config.json is missing or unreadable.
+  """
+  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+  has_checkpoints = os.path.isdir(checkpoints) and any(
+      name.isdigit() for name in os.listdir(checkpoints))
+  if not has_checkpoints:
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = _flatten(json.load(f))
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(
+        f'{checkpoints} holds checkpoints but {path} cannot be read ({e}), so '
+        'they cannot be checked against this config. Use a new --workdir, or '
+        'restore config.json.') from e
+  current = _flatten(json.loads(config.to_json()))
+  keys = sorted(set(saved) | set(current))
+  differing = [k for k in keys if saved.get(k) != current.get(k)]
+  invariant = [
+      k for k in differing
+      if any(k == f or k.startswith(f + '.') for f in RESUME_INVARIANT_FIELDS)
+      and k not in _IGNORED_ON_RESUME]
+  if invariant:
+    lines = '\n'.join(
+        f'  {k}: saved {saved.get(k, "<absent>")!r}, now '
+        f'{current.get(k, "<absent>")!r}' for k in invariant)
+    raise ValueError(
+        f'{workdir} holds checkpoints of a run with another model or '
+        f'training data, so it cannot be resumed with this config:\n{lines}\n'
+        'Use a new --workdir (or the saved values) instead.')
+  for k in differing:
+    logging.warning('Resuming %s with %s changed: %r -> %r.', workdir, k,
+                    saved.get(k, '<absent>'), current.get(k, '<absent>'))
+
+
+class StopRequest:
+  """Turns SIGTERM/SIGINT into a request to checkpoint and stop cleanly.
+
+  With one process, handlers for SIGTERM and SIGINT set a flag. With several,
+  SIGTERM is left to JAX's preemption notifier (which Orbax's
+  `reached_preemption` reads: every process agrees on the step), SIGINT sets
+  a local flag, and the flags are OR-ed over processes at every step so all
+  of them stop at the same step.
+  """
+
+  def __init__(self):
+    self.signal_name: Optional[str] = None
+    self._previous = {}
+    signals = [signal.SIGINT]
+    if jax.process_count() == 1:
+      signals.append(signal.SIGTERM)
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      # A second Ctrl-C means "now": do not wait for the checkpoint.
+      raise KeyboardInterrupt
+    self.signal_name = signal.Signals(signum).name
+    logging.warning('%s received: saving a checkpoint after this step, then '
+                    'stopping.', self.signal_name)
+
+  def should_stop(self, step: int, manager: ocp.CheckpointManager) -> bool:
+    """Whether to save and stop after `step` (same answer on all processes)."""
+    requested = self.signal_name is not None
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(np.int32(requested))
+      requested = bool(np.any(flags))
+      if requested and self.signal_name is None:
+        self.signal_name = 'a signal on another process'
+    if manager.reached_preemption(step):
+      self.signal_name = self.signal_name or 'preemption notice'
+      requested = True
+    return requested
+
+  def close(self) -> None:
+    """Puts back the handlers that were there before."""
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}

@@ -1,0 +1,229 @@
+"""The tfds builder that writes segmentation records as array_record.
+
+One builder class serves every dataset: a `DatasetSpec` (made by voc.py,
+cityscapes.py, folder.py) lists each split's source files, the class names,
+palette and label mapping; the builder checks and encodes them
+(records.make_record) and tfds writes them.
+
+Without TensorFlow: DatasetInfo is defined directly (tfds'
+`dataset_info_from_configs` wants a package layout) and images are given to
+tfds as encoded bytes (encoding a numpy array needs TF).
+
+Atomicity: tfds generates into `DATA/<name>/incomplete.XXXX_<version>/` and
+renames it to `DATA/<name>/<version>/` only when everything, dataset_info.json
+included, is written; on an exception it deletes the temporary folder. A
+killed build leaves only an `incomplete.*` folder, which `build` removes the
+next time. A dataset is "built" iff `<version>/dataset_info.json` exists.
+"""
+
+import dataclasses
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+from typing import Optional
+
+from absl import logging
+from pan_jax.data import records
+import tensorflow_datasets as tfds
+
+VERSION = '1.0.0'
+_VERSION_RE = re.compile(r'^\d+\.\d+\.\d+$')
+
+
+@dataclasses.dataclass
+class DatasetSpec:
+  """What to build.
+
+  Attributes:
+    name: tfds dataset name (the folder under DATA).
+    class_names: one name per class id.
+    palette: one (r, g, b) per class id, for colourised predictions.
+    mapping: raw label values -> class ids / 255.
+    splits: split name -> the examples' source files, in a fixed order.
+    source_dir: where the files came from (kept in the metadata).
+    notes: things the user must be told (e.g. a split that was not built).
+    bad: (path, problem) of inputs already skipped while listing the files
+      (only with skip_bad).
+  """
+  name: str
+  class_names: tuple[str, ...]
+  palette: tuple[tuple[int, int, int], ...]
+  mapping: records.LabelMapping
+  splits: dict[str, list[records.ExampleFiles]]
+  source_dir: str
+  notes: list[str] = dataclasses.field(default_factory=list)
+  bad: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def built_dir(data_dir: str, name: str) -> Optional[str]:
+  """The newest complete build of dataset `name` under data_dir, or None."""
+  root = os.path.join(data_dir, name)
+  if not os.path.isdir(root):
+    return None
+  versions = [v for v in os.listdir(root) if _VERSION_RE.match(v) and
+              os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  if not versions:
+    return None
+  newest = max(versions, key=lambda v: tuple(int(x) for x in v.split('.')))
+  return os.path.join(root, newest)
+
+
+class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
+                          skip_registration=True):
+  """Writes {'image', 'label', 'file_name'} records for a DatasetSpec.
+
+  Not registered with tfds (tfds has its own 'cityscapes'): datasets are read
+  back with tfds.builder_from_directory (sources.py), which needs no class.
+  """
+
+  VERSION = tfds.core.Version(VERSION)
+
+  def __init__(self, spec: DatasetSpec, *, skip_bad: bool = False,
+               num_workers: int = 0, **kwargs):
+    self._spec = spec
+    self._skip_bad = skip_bad
+    self._num_workers = num_workers
+    self.skipped = list(spec.bad)
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    spec = self._spec
+    metadata = tfds.core.MetadataDict(
+        class_names=list(spec.class_names),
+        palette=[list(colour) for colour in spec.palette],
+        num_classes=len(spec.class_names),
+        ignore_label=records.IGNORE_LABEL,
+        source_dir=os.path.abspath(spec.source_dir),
+        # split -> [max height, max width]: lets evaluation check its canvas
+        # before it starts.
+        max_image_size={},
+        skipped=[],
+    )
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=(f'{spec.name}: images with 8-bit class-id masks (255 = '
+                     'ignore), built by pan_jax.data.prepare.'),
+        features=tfds.features.FeaturesDict({
+            # RGB JPEG or PNG bytes.
+            'image': tfds.features.Image(shape=(None, None, 3)),
+            # Class ids, 255 = ignore.
+            'label': tfds.features.Image(shape=(None, None, 1),
+                                         encoding_format='png'),
+            'file_name': tfds.features.Text(),
+        }),
+        metadata=metadata,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local.
+    return {split: self._generate_examples(split, examples)
+            for split, examples in self._spec.splits.items()}
+
+  def _generate_examples(self, split, examples):
+    """Yields (file_name, record); checks every example (records.py)."""
+    mapping = self._spec.mapping
+    max_height, max_width, count = 0, 0, 0
+    with _map_in_order(records.try_make_record, examples, mapping,
+                       self._num_workers) as results:
+      for example, result in zip(examples, results):
+        if result[0] == 'bad':
+          _, path, problem = result
+          if not self._skip_bad:
+            raise records.BadInputError(path, problem)
+          self.skipped.append((path, problem))
+          continue
+        _, record, (height, width) = result
+        max_height, max_width = max(max_height, height), max(max_width, width)
+        count += 1
+        yield example.file_name, record
+    if not count:
+      raise records.BadInputError(
+          self._spec.source_dir, f'split {split!r} has no usable examples '
+          f'({len(examples)} listed, all skipped as bad)', skippable=False)
+    self.info.metadata['max_image_size'][split] = [max_height, max_width]
+    self.info.metadata['skipped'] = [list(item) for item in self.skipped]
+
+
+class _map_in_order:  # pylint: disable=invalid-name  (used like a function)
+  """Context manager: fn(item, arg) for each item, in order, maybe in a pool."""
+
+  def __init__(self, fn, items, arg, num_workers):
+    self._fn, self._items, self._arg = fn, items, arg
+    self._num_workers = num_workers
+    self._pool = None
+
+  def __enter__(self):
+    if self._num_workers <= 1 or len(self._items) < 2 * self._num_workers:
+      return (self._fn(item, self._arg) for item in self._items)
+    # spawn: forking a process that has started threads (tfds, absl) is
+    # unsafe.
+    context = multiprocessing.get_context('spawn')
+    self._pool = context.Pool(self._num_workers)
+    return self._pool.imap(_Call(self._fn, self._arg), self._items,
+                           chunksize=4)
+
+  def __exit__(self, *exc):
+    if self._pool is not None:
+      self._pool.terminate()
+      self._pool.join()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """Picklable fn(item, arg)."""
+  fn: object
+  arg: object
+
+  def __call__(self, item):
+    return self.fn(item, self.arg)
+
+
+def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
+          num_workers: int = 0) -> tuple[str, list[tuple[str, str]]]:
+  """Builds `spec` into data_dir atomically (no-op if already built).
+
+  Args:
+    spec: what to build.
+    data_dir: the tfds data_dir (DATA); the result is DATA/<name>/<version>.
+    skip_bad: skip and count bad examples instead of failing on the first.
+    num_workers: processes reading / checking / encoding source files (0 or
+      1 = in this process).
+
+  Returns:
+    (the dataset's directory, [(path, problem) of skipped inputs]).
+
+  Raises:
+    records.BadInputError: a bad input (without skip_bad) or an empty split.
+  """
+  existing = built_dir(data_dir, spec.name)
+  if existing:
+    logging.info('%s is already built at %s', spec.name, existing)
+    return existing, []
+  os.makedirs(data_dir, exist_ok=True)
+  _remove_incomplete(os.path.join(data_dir, spec.name))
+  builder_cls = type(
+      _camel_case(spec.name), (SegmentationBuilder,), {'name': spec.name},
+      skip_registration=True)
+  builder = builder_cls(spec, skip_bad=skip_bad, num_workers=num_workers,
+                        data_dir=data_dir, file_format='array_record')
+  # tfds insists on a download manager; keep its (empty) folders out of DATA.
+  with tempfile.TemporaryDirectory(prefix='pan_jax_dl_') as download_dir:
+    builder.download_and_prepare(download_dir=download_dir)
+  return str(builder.data_path), builder.skipped
+
+
+def _remove_incomplete(root: str):
+  """Deletes the leftovers of interrupted builds (tfds' incomplete.* dirs)."""
+  if not os.path.isdir(root):
+    return
+  for entry in os.listdir(root):
+    if entry.startswith('incomplete.'):
+      logging.info('removing the remains of an interrupted build: %s/%s',
+                   root, entry)
+      shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def _camel_case(name: str) -> str:
+  return ''.join(part.capitalize() for part in name.split('_'))

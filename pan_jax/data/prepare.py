@@ -1,0 +1,179 @@
+r"""Builds a dataset for pan_jax from local files (nothing is downloaded).
+
+  python -m pan_jax.data.prepare --dataset=voc2012_aug --source_dir=SRC \
+      --data_dir=DATA
+  python -m pan_jax.data.prepare --dataset=cityscapes --source_dir=SRC ...
+  python -m pan_jax.data.prepare --dataset=folder --source_dir=SRC \
+      --data_dir=DATA --num_classes=3 --ignore_label=255 \
+      --class_names=background,road,car
+  python -m pan_jax.data.prepare --dataset=synthetic --source_dir=SRC \
+      --data_dir=DATA [--seed=0 --num_train=2000 --num_val=300]
+
+Writes the tfds dataset DATA/<dataset>/1.0.0 in array_record (read with
+config.data.name=<dataset> and config.data.data_dir=DATA). Running it again is
+a no-op. The build is atomic: an interrupted run leaves only a temporary
+folder that the next run removes. A bad input stops the build with an error
+naming the file and what was expected; --skip_bad skips such examples and
+lists them at the end. See voc.py, cityscapes.py, folder.py and synthetic.py
+for the expected source layouts.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from pan_jax.data import builder
+from pan_jax.data import cityscapes
+from pan_jax.data import folder
+from pan_jax.data import records
+from pan_jax.data import synthetic
+from pan_jax.data import voc
+import tensorflow_datasets as tfds
+
+DATASETS = ('voc2012_aug', 'cityscapes', 'folder', 'synthetic')
+
+_DATASET = flags.DEFINE_enum('dataset', None, DATASETS, 'Dataset to build.')
+_SOURCE_DIR = flags.DEFINE_string(
+    'source_dir', None, 'Folder holding the source files (for synthetic: '
+    'where they are generated if absent).')
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', 'data', 'tfds data_dir the dataset is written to '
+    '(config.data.data_dir).')
+_NUM_CLASSES = flags.DEFINE_integer(
+    'num_classes', None, 'folder: number of classes (ids 0..num_classes-1).')
+_IGNORE_LABEL = flags.DEFINE_integer(
+    'ignore_label', 255, 'folder: label value to ignore (>= num_classes); '
+    'stored as 255.')
+_CLASS_NAMES = flags.DEFINE_string(
+    'class_names', None, 'folder: comma-separated class names, or a text '
+    'file with one name per line (default class_0, class_1, ...).')
+_SKIP_BAD = flags.DEFINE_bool(
+    'skip_bad', False, 'Skip bad examples (listed at the end) instead of '
+    'stopping at the first.')
+_SEED = flags.DEFINE_integer('seed', 0, 'synthetic: dataset seed.')
+_NUM_TRAIN = flags.DEFINE_integer('num_train', 2000,
+                                  'synthetic: training images.')
+_NUM_VAL = flags.DEFINE_integer('num_val', 300,
+                                'synthetic: validation images.')
+_NUM_WORKERS = flags.DEFINE_integer(
+    'num_workers', min(8, os.cpu_count() or 1),
+    'Processes decoding and checking source files (0 or 1 = in process).')
+
+
+def prepare(dataset: str, source_dir: str, data_dir: str, *,
+            skip_bad: bool = False, num_workers: int = 0, num_classes=None,
+            ignore_label: int = 255, class_names=None, seed: int = 0,
+            num_train: int = 2000, num_val: int = 300):
+  """Builds `dataset` (the library form of the command line).
+
+  Args:
+    dataset: one of DATASETS.
+    source_dir: the source files (see the dataset's module).
+    data_dir: tfds data_dir to write to.
+    skip_bad: skip bad examples instead of failing.
+    num_workers: processes reading the source files.
+    num_classes, ignore_label, class_names: 'folder' only.
+    seed, num_train, num_val: 'synthetic' only.
+
+  Returns:
+    (dataset directory, [(path, problem) skipped], [notes for the user],
+    already_built).
+
+  Raises:
+    records.BadInputError: a bad input (see records.py) without skip_bad.
+    ValueError: inconsistent arguments.
+  """
+  existing = builder.built_dir(data_dir, dataset)
+  if existing:
+    notes = []
+    splits = tfds.builder_from_directory(existing).info.splits
+    if (dataset == 'voc2012_aug' and 'train_aug' not in splits and
+        source_dir and voc.find_sbd_root(source_dir)):
+      notes.append(f'{existing} was built without SBD (no train_aug split). '
+                   'Delete it and run again to add train_aug.')
+    return existing, [], notes, True
+  if dataset == 'voc2012_aug':
+    spec = voc.scan(source_dir, skip_bad=skip_bad)
+  elif dataset == 'cityscapes':
+    spec = cityscapes.scan(source_dir, skip_bad=skip_bad)
+  elif dataset == 'folder':
+    if num_classes is None:
+      raise ValueError('--dataset=folder needs --num_classes')
+    spec = folder.scan(source_dir, num_classes=num_classes,
+                       ignore_label=ignore_label,
+                       class_names=_parse_class_names(class_names),
+                       skip_bad=skip_bad)
+  elif dataset == 'synthetic':
+    synthetic.write_voc_tree(source_dir, seed=seed, num_train=num_train,
+                             num_val=num_val)
+    spec = voc.scan(source_dir, name='synthetic',
+                    class_names=synthetic.CLASS_NAMES, skip_bad=skip_bad)
+  else:
+    raise ValueError(f'unknown dataset {dataset!r}; expected one of '
+                     f'{", ".join(DATASETS)}')
+  path, skipped = builder.build(spec, data_dir, skip_bad=skip_bad,
+                                num_workers=num_workers)
+  return path, skipped, spec.notes, False
+
+
+def _parse_class_names(value):
+  """'a,b,c' or a file with one name per line -> list, or None."""
+  if not value:
+    return None
+  if os.path.isfile(value):
+    with open(value) as f:
+      return [line.strip() for line in f if line.strip()]
+  return [name.strip() for name in value.split(',')]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _DATASET.value or not _SOURCE_DIR.value:
+    raise app.UsageError('--dataset and --source_dir are required')
+  logging.set_verbosity(logging.WARNING)
+  try:
+    path, skipped, notes, already = prepare(
+        _DATASET.value, _SOURCE_DIR.value, _DATA_DIR.value,
+        skip_bad=_SKIP_BAD.value, num_workers=_NUM_WORKERS.value,
+        num_classes=_NUM_CLASSES.value, ignore_label=_IGNORE_LABEL.value,
+        class_names=_CLASS_NAMES.value, seed=_SEED.value,
+        num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value)
+  except (records.BadInputError, ValueError) as e:
+    hint = ''
+    if getattr(e, 'skippable', False) and not _SKIP_BAD.value:
+      hint = ('\n(--skip_bad skips such examples and lists them at the end; '
+              'nothing was written)')
+    print(f'\nerror: {e}{hint}', file=sys.stderr)
+    return 1
+  if already:
+    print(f'{_DATASET.value} is already built at {path}: nothing to do.')
+  else:
+    print(f'\nbuilt {_DATASET.value} at {path}')
+  print(summary(path))
+  if skipped:
+    print(f'\nskipped {len(skipped)} bad input(s):')
+    for bad_path, problem in skipped:
+      print(f'  {bad_path}: {problem}')
+  for note in notes:
+    print(f'\nNOTE: {note}')
+  return 0
+
+
+def summary(path: str) -> str:
+  """One line per split: examples and the largest image size."""
+  info = tfds.builder_from_directory(path).info
+  sizes = info.metadata.get('max_image_size', {})
+  lines = [f'  {len(info.metadata["class_names"])} classes: '
+           f'{", ".join(info.metadata["class_names"])}']
+  for name, split in sorted(info.splits.items()):
+    size = sizes.get(name)
+    largest = f', largest image {size[0]}x{size[1]} (HxW)' if size else ''
+    lines.append(f'  split {name}: {split.num_examples} examples{largest}')
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,405 @@
+"""Training: TrainState, the jitted train step and the training loop.
+
+`train_and_evaluate(config, workdir)` is the whole run: it builds the model
+and the data pipeline, restores the latest checkpoint of `workdir` (or
+initialises), trains with one `jax.jit`-compiled `train_step` over a 1-D
+'data' mesh spanning every device of every process, validates, writes
+metrics and checkpoints, and stops cleanly on SIGTERM/SIGINT. Rerunning it
+on the same workdir resumes where the last checkpoint left off, including
+the data order.
+
+Parallelism is plain data parallelism expressed as shardings: the state is
+replicated, the batch is split along its leading axis, and XLA inserts the
+gradient all-reduce. BatchNorm has no axis_name: under jit its statistics
+are computed over the global batch (synchronised BN), which also makes the
+result independent of the device count up to float rounding.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorboardX
+
+from pan_jax import checkpointing
+from pan_jax import losses
+from pan_jax import models
+from pan_jax import optim
+from pan_jax import sharding
+from pan_jax.data import pipeline
+from pan_jax.data import sources
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
+# Per-step values that must stay finite; a checkpoint is only written after
+# every step up to it has been checked.
+_FINITE_METRICS = ('loss', 'grad_norm', 'param_norm')
+
+
+class TrainState(train_state.TrainState):
+  """Flax TrainState plus the BatchNorm running statistics."""
+  batch_stats: Any
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
+                       model: Any, tx: optax.GradientTransformation
+                       ) -> TrainState:
+  """Initialises the model and optimiser state.
+
+  Pure in `rng`, so it can be traced by `jax.eval_shape` (shapes only) and
+  compiled by `jax.jit` with the state's shardings as out_shardings.
+
+  Args:
+    rng: PRNG key for parameter initialisation.
+    config: reads data.crop_size (the shape of the dummy input).
+    model: the linen module from `models.create_model`.
+    tx: the optimiser.
+
+  Returns:
+    A TrainState at step 0.
+  """
+  crop = config.data.crop_size
+  images = jnp.zeros((1, crop, crop, 3), jnp.float32)  # [1, H, W, 3]
+  variables = model.init(rng, images, train=False)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           tx=tx, batch_stats=variables['batch_stats'])
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array],
+               ignore_label: int = losses.IGNORE_LABEL
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on a global batch.
+
+  Args:
+    state: the train state (replicated).
+    batch: {'image': float32 [B, H, W, 3], 'label': int32 [B, H, W]}, sharded
+      over the batch axis.
+    ignore_label: label value that does not count in the loss.
+
+  Returns:
+    (new state, {'loss', 'grad_norm', 'param_norm'} float32 scalars).
+  """
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updates = state.apply_fn(
+        variables, batch['image'], train=True,
+        mutable=['batch_stats'])  # [B, H, W, K]
+    loss = losses.cross_entropy(logits, batch['label'], ignore_label)
+    return loss, updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  new_state = state.apply_gradients(grads=grads,
+                                    batch_stats=updates['batch_stats'])
+  metrics = {
+      'loss': loss,
+      'grad_norm': optax.global_norm(grads),
+      # Checked before every save, so a checkpoint never holds inf/NaN even
+      # when the last update overflowed the parameters.
+      'param_norm': optax.global_norm(new_state.params),
+  }
+  return new_state, metrics
+
+
+def is_time(step: int, every: int, total: int) -> bool:
+  """True every `every` steps and at the last step (every <= 0: last only)."""
+  return step == total or (every > 0 and step % every == 0)
+
+
+def check_config(config: ml_collections.ConfigDict,
+                 mesh: jax.sharding.Mesh) -> None:
+  """The guards that can fail before anything is compiled.
+
+  Args:
+    config: the run's configuration.
+    mesh: the training mesh.
+
+  Raises:
+    ValueError: naming the field, its value and what was expected.
+  """
+  sharding.check_batch_size(config.global_batch_size, mesh)
+  min_side = models.min_input_size(config)
+  if config.data.crop_size < min_side:
+    raise ValueError(
+        f'config.data.crop_size={config.data.crop_size} is too small for '
+        f'this model (backbone {config.model.backbone}, output stride '
+        f'{config.model.output_stride}): every side must be at least '
+        f'{min_side} pixels so the coarsest feature map and the FPA pyramid '
+        f'keep at least one pixel. Use --config.data.crop_size={min_side} or '
+        'more.')
+  for field in ('total_steps', 'log_every_steps'):
+    if config[field] <= 0:
+      raise ValueError(f'config.{field} must be positive, got '
+                       f'{config[field]}.')
+  if config.eval_every_steps < 0:
+    raise ValueError('config.eval_every_steps must be >= 0 (0 = only at the '
+                     f'end), got {config.eval_every_steps}.')
+
+
+def validate(model: Any, state: TrainState, config: ml_collections.ConfigDict,
+             meta: Any, mesh: jax.sharding.Mesh) -> Optional[dict[str, Any]]:
+  """Runs validation on config.data.eval_split; None if unavailable."""
+  try:
+    from pan_jax import evaluate  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    # TODO(train): import at the top once pan_jax.evaluate is on main.
+    logging.warning('pan_jax.evaluate is not available: skipping validation.')
+    return None
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return evaluate.evaluate_dataset(model, variables, config, meta, mesh)
+
+
+class _MetricWriter:
+  """metrics.jsonl, TensorBoard events and the console line (process 0)."""
+
+  def __init__(self, workdir: str, start_step: int):
+    self._enabled = jax.process_index() == 0
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._tensorboard = None
+    if not self._enabled:
+      return
+    # A resumed run repeats the steps after its checkpoint: drop their lines.
+    if os.path.exists(self._path):
+      with open(self._path) as f:
+        lines = [l for l in f if l.strip()
+                 and json.loads(l).get('step', 0) <= start_step]
+      tmp = self._path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(lines)
+      os.replace(tmp, self._path)
+    self._tensorboard = tensorboardX.SummaryWriter(
+        os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1)
+
+  def write(self, step: int, values: dict[str, Any]) -> None:
+    if not self._enabled:
+      return
+    record = {'step': step, **{k: _to_json(v) for k, v in values.items()}}
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for key, value in values.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        tag = key if key.startswith('val/') else f'train/{key}'
+        self._tensorboard.add_scalar(tag, value, step)
+    self._tensorboard.flush()
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _to_json(value: Any) -> Any:
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  if isinstance(value, dict):
+    return {k: _to_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_to_json(v) for v in value]
+  return value
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  hours, rest = divmod(seconds, 3600)
+  return (f'{hours}h{rest // 60:02d}m' if hours
+          else f'{rest // 60}m{rest % 60:02d}s')
+
+
+def _check_finite(pending: list[tuple[int, dict[str, Any]]],
+                  last_good: Optional[int], workdir: str) -> None:
+  """Raises FloatingPointError naming the first step with a bad value."""
+  for step, metrics in pending:
+    bad = {k: float(metrics[k]) for k in _FINITE_METRICS
+           if not np.isfinite(metrics[k])}
+    if bad:
+      where = (f'step {last_good} in '
+               f'{os.path.join(workdir, checkpointing.CHECKPOINT_DIR)}'
+               if last_good is not None else 'none (no checkpoint yet)')
+      raise FloatingPointError(
+          f'Non-finite training values at step {step}: {bad}. The run '
+          f'stopped without saving this state; the last good checkpoint '
+          f'is {where}. Rerunning resumes from it: lower '
+          '--config.optim.learning_rate (or add --config.optim.warmup_steps) '
+          'first, or the divergence will repeat.')
+
+
+def _summarise_eval(result: dict[str, Any], meta: Any) -> dict[str, Any]:
+  names = list(getattr(meta, 'class_names', []) or [])
+  per_class = np.asarray(result.get('per_class_iou', []), np.float64)
+  summary = {f'val/{k}': float(result[k])
+             for k in ('miou', 'pixel_accuracy', 'mean_accuracy')
+             if k in result}
+  if len(names) == len(per_class):
+    summary['val/per_class_iou'] = dict(zip(names, per_class.tolist()))
+  return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       *, mesh: Optional[jax.sharding.Mesh] = None
+                       ) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir` to config.total_steps.
+
+  Args:
+    config: the run's configuration (configs/*.py).
+    workdir: where checkpoints, config.json, dataset.json, metrics.jsonl and
+      TensorBoard events go. If it holds checkpoints, training resumes from
+      the latest one.
+    mesh: the 'data' mesh; default all devices of all processes (tests pass
+      a sub-mesh to compare device counts).
+
+  Returns:
+    {'step': steps done, 'stopped_by': signal name or None, 'last_metrics':
+    the last logged values, 'eval': the last validation result or None}.
+
+  Raises:
+    ValueError: a config guard failed, or the workdir holds checkpoints of
+      an incompatible config.
+    FloatingPointError: the loss, gradient or parameters became non-finite.
+  """
+  # Random bits must not depend on how arrays are sharded, so initialisation
+  # is the same on 1 device or 256.
+  jax.config.update('jax_threefry_partitionable', True)
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  meta = sources.get_meta(config.data)
+  check_config(config, mesh)
+  checkpointing.check_compatible(workdir, config)
+
+  model = models.create_model(config, num_classes=meta.num_classes)
+  tx = optim.create_optimizer(config)
+  init_fn = functools.partial(create_train_state, config=config, model=model,
+                              tx=tx)
+  rng = jax.random.key(config.seed)
+  replicated = sharding.replicated(mesh)
+  abstract_state = jax.eval_shape(init_fn, rng)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  step_fn = jax.jit(
+      functools.partial(train_step, ignore_label=meta.ignore_label),
+      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sharding, replicated),
+      donate_argnames=('state',))
+
+  # From here on a signal means "checkpoint as soon as possible and stop".
+  stop = checkpointing.StopRequest()
+  manager = data_iter = writer = None
+  try:
+    manager = checkpointing.create_manager(workdir, config)
+    data_iter = pipeline.build_train_iter(
+        config, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    start_step = manager.latest_step()
+    if start_step is None:
+      logging.info('No checkpoint in %s: starting from scratch.', workdir)
+      state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+      start_step = 0
+    else:
+      logging.info('Resuming from the checkpoint of step %d in %s.',
+                   start_step, workdir)
+      target = jax.tree.map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+          abstract_state, state_sharding)
+      state = checkpointing.restore_state(manager, start_step, target)
+      checkpointing.restore_data_iter(manager, start_step, data_iter)
+    checkpointing.save_run_info(workdir, config, meta)
+    writer = _MetricWriter(workdir, start_step)
+    return _train_loop(config, workdir, mesh, model, meta, step_fn, state,
+                       start_step, data_iter, manager, writer, stop)
+  finally:
+    stop.close()
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
+    if writer is not None:
+      writer.close()
+    close = getattr(data_iter, 'close', None)
+    if close is not None:
+      close()
+
+
+def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
+                start_step, data_iter, manager, writer, stop):
+  """Steps from `start_step` to config.total_steps (or a stop request).
+
+  Order after each step: log (and check values are finite), stop check,
+  validate, checkpoint. Arguments are train_and_evaluate's locals.
+  """
+  total = config.total_steps
+  pending = []  # (step, metrics on device) not yet checked or logged.
+  last_good = start_step if start_step > 0 else None
+  last_metrics, eval_result, stopped_by = {}, None, None
+  step = start_step
+  timer_step, timer_start, run_start = step, None, time.time()
+  while step < total:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      batch = next(data_iter)
+      batch = sharding.to_global(
+          {'image': batch['image'], 'label': batch['label']}, mesh)
+      state, metrics = step_fn(state, batch)
+    step += 1
+    pending.append((step, metrics))
+    if timer_start is None:
+      # Throughput excludes compilation: time from the first finished step.
+      jax.block_until_ready(metrics)
+      timer_step, timer_start = step, time.time()
+
+    if is_time(step, config.log_every_steps, total):
+      fetched = jax.device_get(pending)
+      _check_finite(fetched, last_good, workdir)
+      pending = []
+      last_metrics = {
+          'loss': float(np.mean([m['loss'] for _, m in fetched])),
+          'grad_norm': float(fetched[-1][1]['grad_norm']),
+          'param_norm': float(fetched[-1][1]['param_norm']),
+          # The rate used by this step's update (the step-th update).
+          'learning_rate': float(optim.learning_rate(config, step - 1)),
+      }
+      progress = f'step {step}/{total} | loss {last_metrics["loss"]:.4f}'
+      progress += f' | lr {last_metrics["learning_rate"]:.3g}'
+      progress += f' | grad {last_metrics["grad_norm"]:.3g}'
+      if step > timer_step:  # Not on the first step: compile time.
+        rate = (step - timer_step) / (time.time() - timer_start)
+        last_metrics['steps_per_sec'] = rate
+        last_metrics['images_per_sec'] = rate * config.global_batch_size
+        progress += (f' | {last_metrics["images_per_sec"]:.1f} img/s'
+                     f' | ETA {_format_duration((total - step) / rate)}')
+      writer.write(step, last_metrics)
+      logging.info('%s', progress)
+      timer_step, timer_start = step, time.time()
+
+    stopping = stop.should_stop(step, manager)
+    if not stopping and is_time(step, config.eval_every_steps, total):
+      eval_start = time.time()
+      eval_result = validate(model, state, config, meta, mesh)
+      if eval_result is not None:
+        summary = _summarise_eval(eval_result, meta)
+        writer.write(step, summary)
+        logging.info('step %d validation: mIoU %.4f (%.1fs)', step,
+                     summary.get('val/miou', math.nan),
+                     time.time() - eval_start)
+      timer_start += time.time() - eval_start  # Not training time.
+
+    if stopping or step == total or manager.should_save(step):
+      save_start = time.time()
+      _check_finite(jax.device_get(pending), last_good, workdir)
+      checkpointing.save(manager, step, state, data_iter, force=True)
+      last_good = step
+      timer_start += time.time() - save_start
+    if stopping:
+      stopped_by = stop.signal_name
+      logging.warning('Stopped by %s after step %d; checkpoint saved.',
+                      stopped_by, step)
+      break
+  logging.info('Trained steps %d to %d in %s.', start_step, step,
+               _format_duration(time.time() - run_start))
+  return {'step': step, 'stopped_by': stopped_by,
+          'last_metrics': last_metrics, 'eval': eval_result}
