@@ -367,48 +367,77 @@ def _define_flags() -> None:
   flags.mark_flag_as_required('checkpoint')
 
 
+def run(checkpoint: str, *, data_dir: Optional[str] = None,
+        split: Optional[str] = None, step: Optional[int] = None,
+        scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
+        mode: Optional[str] = None, batch_size: Optional[int] = None,
+        num_overlays: Optional[int] = None, output: Optional[str] = None,
+        progress: bool = True) -> Dict[str, Any]:
+  """What the CLI does; None arguments take the checkpoint config's values.
+
+  Args:
+    checkpoint: training workdir or inference checkpoint.
+    data_dir: prepared datasets (config.data.data_dir).
+    split: split to evaluate (config.data.eval_split).
+    step: checkpoint step of a workdir (the latest).
+    scales: test-time scales (config.eval.scales).
+    flip: flip averaging (config.eval.flip).
+    mode: 'whole' or 'slide' (config.eval.mode).
+    batch_size: images per batch over all devices (config.eval.batch_size).
+    num_overlays: overlay PNGs to write (config.eval.num_overlays).
+    output: report directory (CHECKPOINT/eval_<split>).
+    progress: show a progress bar.
+
+  Returns:
+    The report (also written to OUTPUT/report.json by process 0).
+  """
+  from pan_jax import export  # pylint: disable=g-import-not-at-top
+  from pan_jax import models  # pylint: disable=g-import-not-at-top
+  config, meta, variables, step = export.load(checkpoint, step)
+  if data_dir:
+    config.data.data_dir = data_dir
+  if batch_size:
+    config.eval.batch_size = batch_size
+  options = inference.InferenceOptions.from_config(
+      config.eval, mode=mode, scales=scales, flip=flip)
+  config.eval.mode = options.mode  # The pipeline's canvas check reads it.
+  split = split or config.data.eval_split
+  if num_overlays is None:
+    num_overlays = config.eval.num_overlays
+  output = output or os.path.join(checkpoint, f'eval_{split}')
+  model = models.create_model(config, meta.num_classes)
+  mesh = sharding.make_mesh()
+  logging.info('Evaluating %s (step %s) on %s/%s: %s, %d device(s)',
+               checkpoint, step, config.data.name, split, options,
+               mesh.devices.size)
+  result, samples = _evaluate_split(model, variables, config, meta, mesh,
+                                    split, options, progress=progress,
+                                    num_samples=num_overlays)
+  extra = {'checkpoint': os.path.abspath(checkpoint), 'step': step,
+           'dataset': config.data.name, 'split': split,
+           'mode': options.mode, 'scales': list(options.scales),
+           'flip': options.flip}
+  if jax.process_index() == 0:
+    write_outputs(output, result, meta, samples, extra)
+    print(format_table(result, meta.class_names), file=sys.stdout)
+    print(f'report: {os.path.join(output, REPORT_FILE)}', file=sys.stdout)
+  return report(result, meta, **extra)
+
+
 def main(argv: Sequence[str]) -> None:
   """Evaluates --checkpoint on --split and writes the report."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
     jax.distributed.initialize()
-  from pan_jax import export  # pylint: disable=g-import-not-at-top
-  from pan_jax import models  # pylint: disable=g-import-not-at-top
   flag_values = flags.FLAGS
-  config, meta, variables, step = export.load(flag_values.checkpoint,
-                                              flag_values.step)
-  if flag_values.data_dir:
-    config.data.data_dir = flag_values.data_dir
-  if flag_values.batch_size:
-    config.eval.batch_size = flag_values.batch_size
-  scales = ([float(s) for s in flag_values.scales]
-            if flag_values.scales else None)
-  options = inference.InferenceOptions.from_config(
-      config.eval, mode=flag_values.mode, scales=scales,
-      flip=flag_values.flip)
-  config.eval.mode = options.mode  # The pipeline's canvas check reads it.
-  split = flag_values.split or config.data.eval_split
-  num_overlays = (config.eval.num_overlays if flag_values.num_overlays is None
-                  else flag_values.num_overlays)
-  output = flag_values.output or os.path.join(flag_values.checkpoint,
-                                              f'eval_{split}')
-  model = models.create_model(config, meta.num_classes)
-  mesh = sharding.make_mesh()
-  logging.info('Evaluating %s (step %s) on %s/%s: %s, %d device(s)',
-               flag_values.checkpoint, step, config.data.name, split, options,
-               mesh.devices.size)
-  result, samples = _evaluate_split(model, variables, config, meta, mesh,
-                                    split, options, progress=True,
-                                    num_samples=num_overlays)
-  if jax.process_index() == 0:
-    write_outputs(output, result, meta, samples, {
-        'checkpoint': os.path.abspath(flag_values.checkpoint),
-        'step': step, 'dataset': config.data.name, 'split': split,
-        'mode': options.mode, 'scales': list(options.scales),
-        'flip': options.flip})
-    print(format_table(result, meta.class_names), file=sys.stdout)
-    print(f'report: {os.path.join(output, REPORT_FILE)}', file=sys.stdout)
+  run(flag_values.checkpoint, data_dir=flag_values.data_dir,
+      split=flag_values.split, step=flag_values.step,
+      scales=([float(s) for s in flag_values.scales]
+              if flag_values.scales else None),
+      flip=flag_values.flip, mode=flag_values.mode,
+      batch_size=flag_values.batch_size,
+      num_overlays=flag_values.num_overlays, output=flag_values.output)
 
 
 if __name__ == '__main__':

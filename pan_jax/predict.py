@@ -195,35 +195,54 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
-def main(argv: Sequence[str]) -> Optional[int]:
-  """Segments the images named on the command line."""
-  paths = argv[1:]
-  if not paths:
-    raise app.UsageError('give at least one IMAGE_OR_DIR')
+def run(checkpoint: str, output: str, paths: Sequence[str], *,
+        step: Optional[int] = None, scales: Optional[Sequence[float]] = None,
+        flip: Optional[bool] = None, mode: Optional[str] = None) -> int:
+  """What the CLI does; returns the exit status (1 if any input failed).
+
+  Args:
+    checkpoint: training workdir or inference checkpoint.
+    output: directory for the PNGs.
+    paths: image files and directories.
+    step: checkpoint step of a workdir (the latest).
+    scales: test-time scales (config.eval.scales).
+    flip: flip averaging (config.eval.flip).
+    mode: 'whole' or 'slide' (config.eval.mode).
+
+  Returns:
+    0 if every input was segmented, else 1 (the errors are logged and
+    printed to stderr).
+  """
   from pan_jax import export  # pylint: disable=g-import-not-at-top
   from pan_jax import models  # pylint: disable=g-import-not-at-top
-  flag_values = flags.FLAGS
-  config, meta, variables, step = export.load(flag_values.checkpoint,
-                                              flag_values.step)
-  scales = ([float(s) for s in flag_values.scales]
-            if flag_values.scales else None)
+  config, meta, variables, step = export.load(checkpoint, step)
   options = inference.InferenceOptions.from_config(
-      config.eval, mode=flag_values.mode, scales=scales,
-      flip=flag_values.flip)
+      config.eval, mode=mode, scales=scales, flip=flip)
   model = models.create_model(config, meta.num_classes)
   predictor = Predictor(model, variables, options,
                         canvas_size=config.eval.canvas_size,
                         min_size=models.min_input_size(config))
-  logging.info('Predicting with %s (step %s): %s', flag_values.checkpoint,
-               step, options)
-  errors = predict_files(predictor, paths, flag_values.output, meta,
-                         progress=True)
+  logging.info('Predicting with %s (step %s): %s', checkpoint, step, options)
+  errors = predict_files(predictor, paths, output, meta, progress=True)
   if errors:
     print(f'{len(errors)} input(s) failed:', file=sys.stderr)
     for message in errors:
       print(f'  {message}', file=sys.stderr)
     return 1
   return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  """Segments the images named on the command line."""
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('give at least one IMAGE_OR_DIR')
+  flag_values = flags.FLAGS
+  return run(flag_values.checkpoint, flag_values.output, paths,
+             step=flag_values.step,
+             scales=([float(s) for s in flag_values.scales]
+                     if flag_values.scales else None),
+             flip=flag_values.flip, mode=flag_values.mode)
 
 
 if __name__ == '__main__':
