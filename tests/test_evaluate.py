@@ -21,9 +21,10 @@ def _examples(num, seed=0):
   """`num` images of different sizes with labels (255 patches included)."""
   rng = np.random.default_rng(seed)
   examples = []
+  # A few distinct sizes (the reference compiles once per size).
+  sizes = [CANVAS, (17, 20), (9, 13)]
   for index in range(num):
-    h, w = int(rng.integers(9, CANVAS[0] + 1)), int(rng.integers(
-        9, CANVAS[1] + 1))
+    h, w = sizes[index % len(sizes)]
     label = rng.integers(0, NUM_CLASSES, size=(h, w)).astype(np.int32)
     label[rng.random((h, w)) < 0.1] = 255
     examples.append({'image': rng.normal(size=(h, w, 3)).astype(np.float32),
@@ -75,8 +76,9 @@ def test_13_images_on_8_devices_counted_once_and_scored_exactly():
   assert result['num_images'] == 13
   # Independent reference: each image alone, at its own size, one device.
   expected = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+  apply = jax.jit(module.apply)
   for example in examples:
-    logits = module.apply(variables, example['image'][None])
+    logits = apply(variables, example['image'][None])
     prediction = np.asarray(jnp.argmax(logits, -1))[0]
     keep = example['label'] != 255
     np.add.at(expected, (example['label'][keep], prediction[keep]), 1)
@@ -127,3 +129,49 @@ def test_report_and_table(tmp_path):
   assert (tmp_path / 'overlays' / '00003.png').exists()
   table = evaluate.format_table(result, Meta.class_names)
   assert 'dog' in table and 'mIoU 56.25' in table
+
+
+def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
+  """evaluate.run on a smoke workdir: counts, scores and files."""
+  # pylint: disable=g-import-not-at-top
+  from pan_jax.data import sources
+  from pan_jax.data import transforms
+  # pylint: enable=g-import-not-at-top
+  workdir, config, meta, model, variables = eval_standins.smoke_workdir()
+  output = tmp_path / 'out'
+  report = evaluate.run(workdir, output=str(output), num_overlays=2,
+                        batch_size=4, progress=False)
+  # Independent reference: the split's examples padded by hand, one device.
+  source = sources.open_split(config.data, config.data.eval_split)
+  canvas = tuple(config.eval.canvas_size)
+  images = np.zeros((len(source),) + canvas + (3,), np.float32)
+  sizes = np.zeros((len(source), 2), np.int32)
+  labels = []
+  for i in range(len(source)):
+    example = source[i]
+    h, w = example['label'].shape
+    images[i, :h, :w] = transforms.normalize(example['image'])
+    sizes[i] = h, w
+    labels.append(example['label'].astype(np.int64))
+  logits = jax.jit(lambda v, x, s: model.apply(v, x, train=False,
+                                               image_sizes=s))(
+                                                   variables, images, sizes)
+  predictions = np.asarray(jnp.argmax(logits, -1))
+  expected = np.zeros((meta.num_classes,) * 2, np.int64)
+  for i, label in enumerate(labels):
+    h, w = label.shape
+    keep = label != 255
+    np.add.at(expected, (label[keep], predictions[i, :h, :w][keep]), 1)
+  confusion = np.asarray(report['confusion_matrix'])
+  assert report['num_images'] == len(source) == 10
+  # Ground-truth pixels per class do not depend on the predictions: exact.
+  np.testing.assert_array_equal(confusion.sum(1), expected.sum(1))
+  # Predictions: another program (8 devices, batch 4); allow rare ties.
+  assert np.abs(confusion - expected).sum() <= 2e-3 * expected.sum()
+  assert report['step'] == 4 and report['scales'] == [1.0]
+  assert report['flip'] is False and report['mode'] == 'whole'
+  assert set(report['per_class_iou']) == set(meta.class_names)
+  written = json.loads((output / 'report.json').read_text())
+  assert written['miou'] == report['miou']
+  assert (output / 'confusion_matrix.png').exists()
+  assert len(list((output / 'overlays').iterdir())) == 2
