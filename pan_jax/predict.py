@@ -65,13 +65,6 @@ class Predictor:
         {name: variables[name] for name in ('params', 'batch_stats')})
     self._predict = jax.jit(functools.partial(_predict, model, options))
 
-  def canvas_for(self, height: int, width: int) -> Tuple[int, int]:
-    """The canvas an image of height x width is padded to."""
-    if height <= self._canvas_size[0] and width <= self._canvas_size[1]:
-      return self._canvas_size
-    return tuple(max(self._min_size, -(-s // _CANVAS_MULTIPLE)
-                     * _CANVAS_MULTIPLE) for s in (height, width))
-
   def __call__(self, image: np.ndarray) -> np.ndarray:
     """Class ids of one image.
 
@@ -83,12 +76,33 @@ class Predictor:
     """
     from pan_jax.data import transforms  # pylint: disable=g-import-not-at-top
     height, width = image.shape[:2]
-    canvas_h, canvas_w = self.canvas_for(height, width)
+    canvas_h, canvas_w = canvas_for(height, width, self._canvas_size,
+                                    self._min_size)
     canvas = np.zeros((1, canvas_h, canvas_w, 3), np.float32)
     canvas[0, :height, :width] = transforms.normalize(image)
     sizes = np.array([[height, width]], np.int32)
     classes = self._predict(self._variables, canvas, sizes)
     return np.asarray(classes)[0, :height, :width].astype(np.uint8)
+
+
+def canvas_for(height: int, width: int, canvas_size: Sequence[int],
+               min_size: int = 1) -> Tuple[int, int]:
+  """The canvas an image is padded to.
+
+  Args:
+    height: image height.
+    width: image width.
+    canvas_size: (height, width) used whenever the image fits.
+    min_size: smallest side the model accepts.
+
+  Returns:
+    canvas_size if the image fits, else each side rounded up to a multiple
+    of 32 (and at least min_size): few distinct shapes, few compilations.
+  """
+  if height <= canvas_size[0] and width <= canvas_size[1]:
+    return tuple(canvas_size)
+  return tuple(max(min_size, -(-side // _CANVAS_MULTIPLE) * _CANVAS_MULTIPLE)
+               for side in (height, width))
 
 
 def _predict(model, options, variables, images, image_sizes):

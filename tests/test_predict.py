@@ -70,8 +70,6 @@ def test_predict_voc_sample(checkpoint, shared_data, tmp_path):
 
 
 def test_canvas_choice():
-  predictor = predict.Predictor.__new__(predict.Predictor)
-  predictor._canvas_size, predictor._min_size = (96, 96), 64  # pylint: disable=protected-access
-  assert predictor.canvas_for(50, 96) == (96, 96)
-  assert predictor.canvas_for(375, 500) == (384, 512)
-  assert predictor.canvas_for(97, 10) == (128, 64)
+  assert predict.canvas_for(50, 96, (96, 96), 64) == (96, 96)
+  assert predict.canvas_for(375, 500, (96, 96), 64) == (384, 512)
+  assert predict.canvas_for(97, 10, (96, 96), 64) == (128, 64)
