@@ -263,28 +263,47 @@ def _define_flags() -> None:
   flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
-def main(argv: Sequence[str]) -> None:
-  """Exports --checkpoint to --output (see the module docstring)."""
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def run(checkpoint: str, output: str, step: Optional[int] = None,
+        platforms: Sequence[str] = DEFAULT_PLATFORMS,
+        stablehlo: bool = True) -> Optional[int]:
+  """What the CLI does: inference checkpoint (+ StableHLO) from a checkpoint.
+
+  Args:
+    checkpoint: training workdir or inference checkpoint.
+    output: new directory.
+    step: checkpoint step (None = the latest).
+    platforms: platforms of the StableHLO artefact.
+    stablehlo: also write model.stablehlo / model.json.
+
+  Returns:
+    The exported step.
+  """
   from pan_jax import models  # pylint: disable=g-import-not-at-top
-  flag_values = flags.FLAGS
-  config, meta, variables, step = load(flag_values.checkpoint,
-                                       flag_values.step)
-  output = os.path.abspath(flag_values.output)
+  config, meta, variables, step = load(checkpoint, step)
+  output = os.path.abspath(output)
   save_inference_checkpoint(output, config, meta, variables, step=step,
-                            source=os.path.abspath(flag_values.checkpoint))
+                            source=os.path.abspath(checkpoint))
   logging.info('Wrote the inference checkpoint (step %s) to %s', step, output)
-  if flag_values.stablehlo:
+  if stablehlo:
     model = models.create_model(config, meta.num_classes)
     crop = int(config.data.crop_size)
-    exported = export_stablehlo(model, variables, (crop, crop),
-                                flag_values.platforms)
+    exported = export_stablehlo(model, variables, (crop, crop), platforms)
     write_stablehlo(output, exported, config, meta)
     logging.info('Wrote %s for images [b, %d, %d, 3] on %s',
                  os.path.join(output, STABLEHLO_FILE), crop, crop,
                  ','.join(exported.platforms))
-  print(f'exported step {step} to {output}', file=sys.stdout)
+  return step
+
+
+def main(argv: Sequence[str]) -> None:
+  """Exports --checkpoint to --output (see the module docstring)."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  flag_values = flags.FLAGS
+  step = run(flag_values.checkpoint, flag_values.output, flag_values.step,
+             flag_values.platforms, flag_values.stablehlo)
+  print(f'exported step {step} to {os.path.abspath(flag_values.output)}',
+        file=sys.stdout)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""Test-time inference on padded canvases: whole image, multi-scale + flip, slide.
+"""Test-time inference on padded canvases: whole, multi-scale + flip, slide.
 
 Every function here is pure, takes static shapes and traces under `jax.jit`;
 the batch axis may be sharded over a mesh (nothing here reduces over it).

@@ -97,6 +97,6 @@ def scores(confusion: Any) -> Dict[str, Any]:
 
 
 def _nanmean(values: np.ndarray) -> float:
-  """Mean over the non-NaN entries; NaN (without a warning) if there are none."""
+  """Mean of the non-NaN entries; NaN (without a warning) if there are none."""
   finite = values[~np.isnan(values)]
   return float(finite.mean()) if finite.size else float('nan')

@@ -168,3 +168,29 @@ def test_predict_is_argmax_and_options_validate():
   # JSON configs give lists; options stay hashable (static jit arguments).
   assert hash(inference.InferenceOptions(scales=[0.5, 1], window_size=[4, 4],
                                          window_stride=[2, 2]))
+
+
+def test_real_model_padding_invariance_multiscale_flip():
+  """The PAN itself (smoke size): padded canvas == the image at its size."""
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  from pan_jax import models  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  model = models.create_model(config, num_classes=NUM_CLASSES)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+
+  def apply_fn(images, image_sizes):
+    # Random weights give logits in the hundreds (one-hot softmax); scaling
+    # them down keeps the probabilities sensitive to any difference.
+    return _apply(model, variables, images, image_sizes) / 100
+
+  options = inference.InferenceOptions(scales=(0.75,), flip=True)
+  rng = np.random.default_rng(7)
+  # Even valid sizes at stride 2 and 4 (34x38 after scaling) once leaked
+  # valid pixels into the padding through the stem's max-pool.
+  images, sizes, exact = _canvas(rng, [(48, 56), (45, 51)], (48, 56))
+  predict_probs = jax.jit(functools.partial(inference.predict_probs, apply_fn,
+                                            options=options))
+  probs = predict_probs(images, sizes)
+  alone = predict_probs(exact[1][None], sizes[1:])
+  np.testing.assert_allclose(probs[1, :45, :51], alone[0], atol=1e-5)

@@ -199,6 +199,9 @@ class ResNet(nn.Module):
     x = layers.mask_invalid(x, sizes)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     sizes = layers.down_sizes(sizes)
+    # An even valid size n leaves output n/2 (outside the valid region) with
+    # the max over input n-1, which is valid: zero it like every padding.
+    x = layers.mask_invalid(x, sizes)
 
     strides, dilations = OUTPUT_STRIDES[self.output_stride]
     in_width = widths[-1]

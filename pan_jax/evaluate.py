@@ -1,0 +1,445 @@
+"""Evaluation over a whole split; `python -m pan_jax.evaluate`.
+
+    python -m pan_jax.evaluate --checkpoint=RUN_OR_EXPORT --data_dir=DATA \
+        [--split=val] [--step=N] [--scales=0.5,0.75,1.0,1.25,1.5,1.75] \
+        [--flip] [--mode=whole|slide] [--output=OUT]
+
+Correct by construction:
+* Every image of the split is counted exactly once: the data pipeline gives
+  each process a disjoint share padded with filler examples to the same
+  number of batches (`valid` = False), and fillers add nothing.
+* Images are padded to the fixed canvas `config.eval.canvas_size` (one
+  compiled program for the split); labels are counted only inside each
+  image's valid region and where they are a class (not 255), and the model
+  gets `image_sizes`, so padding changes no prediction (see inference.py).
+* The `[K, K]` confusion matrix is summed on device inside the jitted step;
+  the batch is one global array sharded over every device of every process,
+  so the cross-device (and cross-host) sum is part of the compiled program.
+  The int32 device sum is moved into an int64 host total before it could
+  overflow (2^31 pixels), so large splits (Cityscapes train) count exactly.
+Scores are computed on the host from the confusion matrix (metrics.py).
+"""
+
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from pan_jax import inference
+from pan_jax import metrics
+from pan_jax import sharding
+from pan_jax import visualize
+
+REPORT_FILE = 'report.json'
+CONFUSION_FILE = 'confusion_matrix.png'
+OVERLAY_DIR = 'overlays'
+_INT32_MAX = 2**31 - 1
+
+# Jitted eval steps by (id(model), num_classes, options, mesh): the training
+# loop validates many times with the same model, and re-jitting a new closure
+# would recompile each time. Linen modules with partials are not hashable,
+# hence the id (the entry keeps the model alive, so the id stays unique).
+_EVAL_STEPS: Dict[Tuple[Any, ...], Tuple[Any, Any]] = {}
+
+
+def make_eval_step(model: Any, num_classes: int,
+                   options: inference.InferenceOptions,
+                   mesh: jax.sharding.Mesh):
+  """The jitted evaluation step (cached per model, options and mesh).
+
+  eval_step(variables, batch, confusion, num_images)
+      -> (confusion, num_images, predictions)
+
+  Args:
+    model: linen Module called as apply(variables, images, train=False,
+      image_sizes=...).
+    num_classes: K.
+    options: InferenceOptions (static).
+    mesh: the mesh; variables and sums are replicated, the batch and the
+      predictions are sharded over its 'data' axis.
+
+  Returns:
+    The jitted function. `batch` holds 'image' float32 [B, Hc, Wc, 3],
+    'label' int32 [B, Hc, Wc], 'image_size' int32 [B, 2], 'valid' bool [B];
+    `confusion` is int32 [K, K] and `num_images` int32 [] (both donated);
+    `predictions` int32 [B, Hc, Wc].
+  """
+  key = (id(model), num_classes, options, mesh)
+  if key in _EVAL_STEPS:
+    return _EVAL_STEPS[key][1]
+
+  def eval_step(variables, batch, confusion, num_images):
+    def apply_fn(images, image_sizes):
+      return model.apply(variables, images, train=False,
+                         image_sizes=image_sizes)
+
+    predictions = inference.predict(apply_fn, batch['image'],
+                                    batch['image_size'], options)
+    labels = batch['label']
+    sizes = batch['image_size']
+    # The pipeline pads labels with 255 already; masking the region here too
+    # makes the count independent of what the padding holds.
+    inside = ((jnp.arange(labels.shape[1])[None, :, None] <
+               sizes[:, 0, None, None]) &
+              (jnp.arange(labels.shape[2])[None, None, :] <
+               sizes[:, 1, None, None]))  # [B, Hc, Wc]
+    labels = jnp.where(inside, labels, -1)
+    valid = batch['valid'].astype(bool)
+    confusion += metrics.confusion_matrix(labels, predictions, num_classes,
+                                          valid=valid)
+    num_images += jnp.sum(valid, dtype=jnp.int32)
+    return confusion, num_images, predictions
+
+  replicated = sharding.replicated(mesh)
+  batched = sharding.batch_sharding(mesh)
+  jitted = jax.jit(
+      eval_step,
+      in_shardings=(replicated, batched, replicated, replicated),
+      out_shardings=(replicated, replicated, batched),
+      donate_argnums=(2, 3))
+  if len(_EVAL_STEPS) >= 8:
+    _EVAL_STEPS.pop(next(iter(_EVAL_STEPS)))
+  _EVAL_STEPS[key] = (model, jitted)
+  return jitted
+
+
+def evaluate_batches(model: Any, variables: Any,
+                     batches: Iterable[Dict[str, np.ndarray]],
+                     num_classes: int, mesh: jax.sharding.Mesh,
+                     options: inference.InferenceOptions, *,
+                     progress: bool = False, num_samples: int = 0
+                     ) -> Tuple[Dict[str, Any], List[Dict[str, np.ndarray]]]:
+  """Runs the model over this process's batches and scores the global sum.
+
+  Every process must call this with the same number of batches (the eval
+  pipeline guarantees it).
+
+  Args:
+    model: linen Module.
+    variables: {'params', 'batch_stats'} (host or device arrays).
+    batches: this process's batches ('image', 'label', 'image_size', 'valid',
+      optional 'index'), the leading axis global_batch / process_count.
+    num_classes: K.
+    mesh: the mesh the global batch is sharded over.
+    options: InferenceOptions.
+    progress: show a progress bar (process 0).
+    num_samples: keep this many of process 0's first valid examples for
+      overlays.
+
+  Returns:
+    (result, samples): result as in `evaluate_dataset`; samples a list of
+    {'image' float32 [h, w, 3] normalized, 'label' [h, w], 'prediction'
+    [h, w], 'index' int} on process 0 (empty elsewhere).
+  """
+  eval_step = make_eval_step(model, num_classes, options, mesh)
+  replicated = sharding.replicated(mesh)
+  variables = jax.device_put(
+      {name: variables[name] for name in ('params', 'batch_stats')},
+      replicated)
+  confusion, num_images = _zeros(num_classes, replicated)
+  host_confusion = np.zeros((num_classes, num_classes), np.int64)
+  host_images = 0
+  pixels = 0  # Pixels added to `confusion` since it was last moved to host.
+  samples = []
+  keep = num_samples if jax.process_index() == 0 else 0
+  bar = tqdm.tqdm(batches, desc='evaluate', unit='batch',
+                  disable=not progress or jax.process_index() != 0)
+  for local in bar:
+    batch_pixels = math.prod(local['label'].shape) * jax.process_count()
+    if pixels + batch_pixels > _INT32_MAX:
+      host_confusion += np.asarray(_fetch(confusion), np.int64)
+      host_images += int(_fetch(num_images))
+      confusion, num_images = _zeros(num_classes, replicated)
+      pixels = 0
+    batch = sharding.to_global(
+        {k: local[k] for k in ('image', 'label', 'image_size', 'valid')},
+        mesh)
+    confusion, num_images, predictions = eval_step(variables, batch,
+                                                   confusion, num_images)
+    pixels += batch_pixels
+    if len(samples) < keep:
+      samples.extend(_samples(local, _process_rows(predictions),
+                              keep - len(samples)))
+  host_confusion += np.asarray(_fetch(confusion), np.int64)
+  host_images += int(_fetch(num_images))
+  result = metrics.scores(host_confusion)
+  result['confusion_matrix'] = host_confusion
+  result['num_images'] = host_images
+  return result, samples
+
+
+def evaluate_dataset(model: Any, variables: Any, config: Any, meta: Any,
+                     mesh: jax.sharding.Mesh, split: Optional[str] = None, *,
+                     options: Optional[inference.InferenceOptions] = None,
+                     progress: bool = False) -> Dict[str, Any]:
+  """Scores `model` on a whole split (what training calls to validate).
+
+  Args:
+    model: linen Module.
+    variables: {'params', 'batch_stats'} (host arrays or replicated global
+      arrays, e.g. the train state's).
+    config: the whole config (data.*, eval.*).
+    meta: DatasetMeta (num_classes).
+    mesh: the mesh (all devices of all processes).
+    split: default config.data.eval_split.
+    options: inference options; default from config.eval.
+    progress: show a progress bar.
+
+  Returns:
+    {'miou', 'pixel_accuracy', 'mean_accuracy': float (NaN if nothing was
+    counted), 'per_class_iou', 'per_class_accuracy': float64 [K] (NaN where
+    undefined, see metrics.py), 'confusion_matrix': int64 [K, K],
+    'num_images': int}.
+  """
+  result, _ = _evaluate_split(model, variables, config, meta, mesh, split,
+                              options, progress, num_samples=0)
+  return result
+
+
+def _evaluate_split(model, variables, config, meta, mesh, split, options,
+                    progress, num_samples):
+  """evaluate_dataset, also returning overlay samples."""
+  from pan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if options is None:
+    options = inference.InferenceOptions.from_config(config.eval)
+  batch_size = global_batch_size(config.eval.batch_size, mesh)
+  batches = pipeline.build_eval_iter(
+      config, split=split, batch_size=batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return evaluate_batches(model, variables, batches, meta.num_classes, mesh,
+                          options, progress=progress, num_samples=num_samples)
+
+
+def global_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
+  """config.eval.batch_size rounded up to a multiple of the device count."""
+  devices = mesh.devices.size
+  return max(1, math.ceil(int(batch_size) / devices)) * devices
+
+
+def _zeros(num_classes: int, replicated) -> Tuple[jax.Array, jax.Array]:
+  return (jax.device_put(np.zeros((num_classes, num_classes), np.int32),
+                         replicated),
+          jax.device_put(np.zeros((), np.int32), replicated))
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+  """A replicated global array's value (also when not fully addressable)."""
+  return np.asarray(x.addressable_shards[0].data)
+
+
+def _process_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in batch order."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
+
+
+def _samples(local: Dict[str, np.ndarray], predictions: np.ndarray,
+             limit: int) -> List[Dict[str, Any]]:
+  """Up to `limit` valid examples of a local batch, cropped to their size."""
+  found = []
+  for b in np.flatnonzero(np.asarray(local['valid']))[:limit]:
+    h, w = (int(v) for v in local['image_size'][b])
+    found.append({
+        'image': np.asarray(local['image'][b, :h, :w]),
+        'label': np.asarray(local['label'][b, :h, :w]),
+        'prediction': predictions[b, :h, :w],
+        'index': int(local['index'][b]) if 'index' in local else len(found),
+    })
+  return found
+
+
+def report(result: Dict[str, Any], meta: Any, **extra: Any
+           ) -> Dict[str, Any]:
+  """The JSON report: scores by class name, NaN written as null.
+
+  Args:
+    result: evaluate_dataset's result.
+    meta: DatasetMeta (class_names).
+    **extra: further fields (checkpoint, step, split, scales, flip, mode).
+
+  Returns:
+    A JSON-serialisable dict.
+  """
+  def number(value):
+    value = float(value)
+    return None if math.isnan(value) else value
+
+  names = list(meta.class_names)
+  return {
+      'miou': number(result['miou']),
+      'pixel_accuracy': number(result['pixel_accuracy']),
+      'mean_accuracy': number(result['mean_accuracy']),
+      'per_class_iou': {n: number(v)
+                        for n, v in zip(names, result['per_class_iou'])},
+      'per_class_accuracy': {
+          n: number(v) for n, v in zip(names, result['per_class_accuracy'])},
+      'num_images': int(result['num_images']),
+      'class_names': names,
+      # Rows ground truth, columns prediction.
+      'confusion_matrix': np.asarray(result['confusion_matrix']).tolist(),
+      **extra,
+  }
+
+
+def format_table(result: Dict[str, Any], class_names: Sequence[str]) -> str:
+  """The per-class table printed at the end (percentages)."""
+  def percent(value):
+    return '     -' if math.isnan(value) else f'{100 * value:6.2f}'
+
+  confusion = np.asarray(result['confusion_matrix'])
+  width = max([len('class')] + [len(str(n)) for n in class_names])
+  lines = [f'{"class":<{width}}     IoU     Acc  gt pixels']
+  for k, name in enumerate(class_names):
+    lines.append(f'{name:<{width}}  {percent(result["per_class_iou"][k])}  '
+                 f'{percent(result["per_class_accuracy"][k])}  '
+                 f'{int(confusion[k].sum()):>9d}')
+  lines.append(
+      f'mIoU {percent(result["miou"]).strip()}  pixel accuracy '
+      f'{percent(result["pixel_accuracy"]).strip()}  mean accuracy '
+      f'{percent(result["mean_accuracy"]).strip()}  images '
+      f'{int(result["num_images"])}')
+  return '\n'.join(lines)
+
+
+def write_outputs(output: str, result: Dict[str, Any], meta: Any,
+                  samples: Sequence[Dict[str, Any]],
+                  extra: Dict[str, Any]) -> None:
+  """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png."""
+  from pan_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  os.makedirs(output, exist_ok=True)
+  text = json.dumps(report(result, meta, **extra), indent=2)
+  temporary = os.path.join(output, f'.{REPORT_FILE}.tmp')
+  with open(temporary, 'w') as f:
+    f.write(text + '\n')
+  os.replace(temporary, os.path.join(output, REPORT_FILE))
+  visualize.save_png(
+      os.path.join(output, CONFUSION_FILE),
+      visualize.confusion_image(result['confusion_matrix'], meta.class_names))
+  for sample in samples:
+    image = np.clip(np.round(sample['image'] * transforms.IMAGENET_STD +
+                             transforms.IMAGENET_MEAN), 0, 255).astype(
+                                 np.uint8)
+    visualize.save_png(
+        os.path.join(output, OVERLAY_DIR, f'{sample["index"]:05d}.png'),
+        visualize.panel([
+            image,
+            visualize.overlay(image, sample['label'], meta.palette,
+                              ignore_label=meta.ignore_label),
+            visualize.overlay(image, sample['prediction'], meta.palette,
+                              ignore_label=meta.ignore_label)]))
+
+
+def _define_flags() -> None:
+  """The CLI's flags (only when run as a program; this is also a library)."""
+  flags.DEFINE_string('checkpoint', None,
+                      'Training workdir or exported inference checkpoint.')
+  flags.DEFINE_string('data_dir', None,
+                      'Prepared datasets (default: the config\'s).')
+  flags.DEFINE_string('split', None,
+                      'Split to evaluate (default config.data.eval_split).')
+  flags.DEFINE_integer('step', None,
+                       'Checkpoint step of a workdir (default: the latest).')
+  flags.DEFINE_list('scales', None,
+                    'Test-time scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 '
+                    '(default config.eval.scales).')
+  flags.DEFINE_boolean('flip', None,
+                       'Also average the flipped image (default '
+                       'config.eval.flip).')
+  flags.DEFINE_enum('mode', None, list(inference.MODES),
+                    'whole or slide (default config.eval.mode).')
+  flags.DEFINE_integer('batch_size', None,
+                       'Images per batch over all devices (default '
+                       'config.eval.batch_size).')
+  flags.DEFINE_integer('num_overlays', None,
+                       'Overlay PNGs to write (default '
+                       'config.eval.num_overlays).')
+  flags.DEFINE_string('output', None,
+                      'Report directory (default CHECKPOINT/eval_<split>).')
+  flags.mark_flag_as_required('checkpoint')
+
+
+def run(checkpoint: str, *, data_dir: Optional[str] = None,
+        split: Optional[str] = None, step: Optional[int] = None,
+        scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
+        mode: Optional[str] = None, batch_size: Optional[int] = None,
+        num_overlays: Optional[int] = None, output: Optional[str] = None,
+        progress: bool = True) -> Dict[str, Any]:
+  """What the CLI does; None arguments take the checkpoint config's values.
+
+  Args:
+    checkpoint: training workdir or inference checkpoint.
+    data_dir: prepared datasets (config.data.data_dir).
+    split: split to evaluate (config.data.eval_split).
+    step: checkpoint step of a workdir (the latest).
+    scales: test-time scales (config.eval.scales).
+    flip: flip averaging (config.eval.flip).
+    mode: 'whole' or 'slide' (config.eval.mode).
+    batch_size: images per batch over all devices (config.eval.batch_size).
+    num_overlays: overlay PNGs to write (config.eval.num_overlays).
+    output: report directory (CHECKPOINT/eval_<split>).
+    progress: show a progress bar.
+
+  Returns:
+    The report (also written to OUTPUT/report.json by process 0).
+  """
+  from pan_jax import export  # pylint: disable=g-import-not-at-top
+  from pan_jax import models  # pylint: disable=g-import-not-at-top
+  config, meta, variables, step = export.load(checkpoint, step)
+  if data_dir:
+    config.data.data_dir = data_dir
+  if batch_size:
+    config.eval.batch_size = batch_size
+  options = inference.InferenceOptions.from_config(
+      config.eval, mode=mode, scales=scales, flip=flip)
+  config.eval.mode = options.mode  # The pipeline's canvas check reads it.
+  split = split or config.data.eval_split
+  if num_overlays is None:
+    num_overlays = config.eval.num_overlays
+  output = output or os.path.join(checkpoint, f'eval_{split}')
+  model = models.create_model(config, meta.num_classes)
+  mesh = sharding.make_mesh()
+  logging.info('Evaluating %s (step %s) on %s/%s: %s, %d device(s)',
+               checkpoint, step, config.data.name, split, options,
+               mesh.devices.size)
+  result, samples = _evaluate_split(model, variables, config, meta, mesh,
+                                    split, options, progress=progress,
+                                    num_samples=num_overlays)
+  extra = {'checkpoint': os.path.abspath(checkpoint), 'step': step,
+           'dataset': config.data.name, 'split': split,
+           'mode': options.mode, 'scales': list(options.scales),
+           'flip': options.flip}
+  if jax.process_index() == 0:
+    write_outputs(output, result, meta, samples, extra)
+    print(format_table(result, meta.class_names), file=sys.stdout)
+    print(f'report: {os.path.join(output, REPORT_FILE)}', file=sys.stdout)
+  return report(result, meta, **extra)
+
+
+def main(argv: Sequence[str]) -> None:
+  """Evaluates --checkpoint on --split and writes the report."""
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
+    jax.distributed.initialize()
+  flag_values = flags.FLAGS
+  run(flag_values.checkpoint, data_dir=flag_values.data_dir,
+      split=flag_values.split, step=flag_values.step,
+      scales=([float(s) for s in flag_values.scales]
+              if flag_values.scales else None),
+      flip=flag_values.flip, mode=flag_values.mode,
+      batch_size=flag_values.batch_size,
+      num_overlays=flag_values.num_overlays, output=flag_values.output)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

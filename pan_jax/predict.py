@@ -1,0 +1,264 @@
+"""Segments image files; `python -m pan_jax.predict`.
+
+    python -m pan_jax.predict --checkpoint=RUN_OR_EXPORT --output=OUT \
+        IMAGE_OR_DIR... [--scales=...] [--flip] [--mode=whole|slide]
+
+For each image (directories are searched, not recursively, for .jpg, .jpeg,
+.png, .bmp, .tif, .tiff, .webp) it writes, at the image's own size:
+  OUT/<stem>.png          class ids, single-channel 8-bit (255 never occurs)
+  OUT/<stem>_color.png    the ids as a palette PNG in the dataset's colours
+  OUT/<stem>_overlay.png  the colours blended over the image
+A file that cannot be read (or whose stem was already used) gets an error
+naming it; the others are still processed and the exit status is 1 at the end.
+
+Images are padded to a canvas (config.eval.canvas_size when the image fits,
+otherwise its size rounded up to a multiple of 32) and the model gets their
+valid size, so the padding does not change the prediction and few canvas
+shapes (compilations) occur. Inference options (scales, flip, whole / slide)
+default to the checkpoint's config.eval.
+"""
+
+import functools
+import os
+import sys
+from typing import Any, List, Optional, Sequence, Tuple
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+from PIL import Image
+
+from pan_jax import inference
+from pan_jax import visualize
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+_CANVAS_MULTIPLE = 32
+
+
+class Predictor:
+  """Class ids for uint8 RGB images of any size, one jitted program per canvas.
+
+  Attributes:
+    options: the InferenceOptions used.
+  """
+
+  def __init__(self, model: Any, variables: Any,
+               options: inference.InferenceOptions,
+               canvas_size: Sequence[int] = (512, 512), min_size: int = 1):
+    """Builds the predictor.
+
+    Args:
+      model: linen Module (apply(variables, images, train=False,
+        image_sizes=...)).
+      variables: {'params', 'batch_stats'}.
+      options: InferenceOptions.
+      canvas_size: (height, width) used for every image that fits.
+      min_size: smallest canvas side the model accepts
+        (models.min_input_size).
+    """
+    self.options = options
+    self._canvas_size = tuple(int(s) for s in canvas_size)
+    self._min_size = int(min_size)
+    self._variables = jax.device_put(
+        {name: variables[name] for name in ('params', 'batch_stats')})
+    self._predict = jax.jit(functools.partial(_predict, model, options))
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    """Class ids of one image.
+
+    Args:
+      image: uint8 RGB [H, W, 3].
+
+    Returns:
+      uint8 [H, W] class ids.
+    """
+    from pan_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    height, width = image.shape[:2]
+    canvas_h, canvas_w = canvas_for(height, width, self._canvas_size,
+                                    self._min_size)
+    canvas = np.zeros((1, canvas_h, canvas_w, 3), np.float32)
+    canvas[0, :height, :width] = transforms.normalize(image)
+    sizes = np.array([[height, width]], np.int32)
+    classes = self._predict(self._variables, canvas, sizes)
+    return np.asarray(classes)[0, :height, :width].astype(np.uint8)
+
+
+def canvas_for(height: int, width: int, canvas_size: Sequence[int],
+               min_size: int = 1) -> Tuple[int, int]:
+  """The canvas an image is padded to.
+
+  Args:
+    height: image height.
+    width: image width.
+    canvas_size: (height, width) used whenever the image fits.
+    min_size: smallest side the model accepts.
+
+  Returns:
+    canvas_size if the image fits, else each side rounded up to a multiple
+    of 32 (and at least min_size): few distinct shapes, few compilations.
+  """
+  if height <= canvas_size[0] and width <= canvas_size[1]:
+    return tuple(canvas_size)
+  return tuple(max(min_size, -(-side // _CANVAS_MULTIPLE) * _CANVAS_MULTIPLE)
+               for side in (height, width))
+
+
+def _predict(model, options, variables, images, image_sizes):
+  def apply_fn(x, sizes):
+    return model.apply(variables, x, train=False, image_sizes=sizes)
+  return inference.predict(apply_fn, images, image_sizes, options)
+
+
+def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
+  """Expands directories into their image files.
+
+  Args:
+    paths: files (taken whatever their extension) and directories.
+
+  Returns:
+    (files, errors): files in the given order (each directory's sorted), and
+    a message for each path that does not exist.
+  """
+  files, errors = [], []
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(
+          os.path.join(path, name) for name in os.listdir(path)
+          if name.lower().endswith(IMAGE_EXTENSIONS) and
+          os.path.isfile(os.path.join(path, name)))
+      if not found:
+        errors.append(f'{path}: directory holds no image files '
+                      f'({", ".join(IMAGE_EXTENSIONS)})')
+      files.extend(found)
+    elif os.path.exists(path):
+      files.append(path)
+    else:
+      errors.append(f'{path}: no such file or directory')
+  return files, errors
+
+
+def read_image(path: str) -> np.ndarray:
+  """uint8 RGB [H, W, 3]; raises ValueError naming the file if unreadable."""
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'))
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{path}: cannot read it as an image ({e})') from e
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
+                  meta: Any, progress: bool = False) -> List[str]:
+  """Writes the three PNGs of every image; returns the errors.
+
+  Args:
+    predictor: a Predictor.
+    paths: image files and directories.
+    output: output directory (created).
+    meta: DatasetMeta (palette, ignore_label).
+    progress: log each file.
+
+  Returns:
+    One message per path that failed (empty when all succeeded).
+  """
+  files, errors = find_images(paths)
+  os.makedirs(output, exist_ok=True)
+  stems = {}
+  for path in files:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem in stems:
+      errors.append(f'{path}: output name {stem!r} already used by '
+                    f'{stems[stem]}; skipped')
+      continue
+    try:
+      image = read_image(path)
+    except ValueError as e:
+      errors.append(str(e))
+      continue
+    stems[stem] = path
+    classes = predictor(image)
+    visualize.save_png(os.path.join(output, f'{stem}.png'), classes)
+    visualize.save_png(os.path.join(output, f'{stem}_color.png'), classes,
+                       palette=meta.palette)
+    visualize.save_png(
+        os.path.join(output, f'{stem}_overlay.png'),
+        visualize.overlay(image, classes, meta.palette,
+                          ignore_label=meta.ignore_label))
+    if progress:
+      logging.info('%s -> %s', path, os.path.join(output, f'{stem}.png'))
+  for message in errors:
+    logging.error('%s', message)
+  return errors
+
+
+def _define_flags() -> None:
+  """The CLI's flags (only when run as a program; this is also a library)."""
+  flags.DEFINE_string('checkpoint', None,
+                      'Training workdir or exported inference checkpoint.')
+  flags.DEFINE_integer('step', None,
+                       'Checkpoint step of a workdir (default: the latest).')
+  flags.DEFINE_string('output', None, 'Directory for the PNGs.')
+  flags.DEFINE_list('scales', None,
+                    'Test-time scales (default config.eval.scales).')
+  flags.DEFINE_boolean('flip', None,
+                       'Average with the flipped image (default '
+                       'config.eval.flip).')
+  flags.DEFINE_enum('mode', None, list(inference.MODES),
+                    'whole or slide (default config.eval.mode).')
+  flags.mark_flags_as_required(['checkpoint', 'output'])
+
+
+def run(checkpoint: str, output: str, paths: Sequence[str], *,
+        step: Optional[int] = None, scales: Optional[Sequence[float]] = None,
+        flip: Optional[bool] = None, mode: Optional[str] = None) -> int:
+  """What the CLI does; returns the exit status (1 if any input failed).
+
+  Args:
+    checkpoint: training workdir or inference checkpoint.
+    output: directory for the PNGs.
+    paths: image files and directories.
+    step: checkpoint step of a workdir (the latest).
+    scales: test-time scales (config.eval.scales).
+    flip: flip averaging (config.eval.flip).
+    mode: 'whole' or 'slide' (config.eval.mode).
+
+  Returns:
+    0 if every input was segmented, else 1 (the errors are logged and
+    printed to stderr).
+  """
+  from pan_jax import export  # pylint: disable=g-import-not-at-top
+  from pan_jax import models  # pylint: disable=g-import-not-at-top
+  config, meta, variables, step = export.load(checkpoint, step)
+  options = inference.InferenceOptions.from_config(
+      config.eval, mode=mode, scales=scales, flip=flip)
+  model = models.create_model(config, meta.num_classes)
+  predictor = Predictor(model, variables, options,
+                        canvas_size=config.eval.canvas_size,
+                        min_size=models.min_input_size(config))
+  logging.info('Predicting with %s (step %s): %s', checkpoint, step, options)
+  errors = predict_files(predictor, paths, output, meta, progress=True)
+  if errors:
+    print(f'{len(errors)} input(s) failed:', file=sys.stderr)
+    for message in errors:
+      print(f'  {message}', file=sys.stderr)
+    return 1
+  return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  """Segments the images named on the command line."""
+  paths = argv[1:]
+  if not paths:
+    raise app.UsageError('give at least one IMAGE_OR_DIR')
+  flag_values = flags.FLAGS
+  return run(flag_values.checkpoint, flag_values.output, paths,
+             step=flag_values.step,
+             scales=([float(s) for s in flag_values.scales]
+                     if flag_values.scales else None),
+             flip=flag_values.flip, mode=flag_values.mode)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,177 @@
+"""Tests of pan_jax.evaluate: exact counting over devices, scores, report."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import eval_standins
+from pan_jax import evaluate
+from pan_jax import inference
+from pan_jax import metrics
+from pan_jax import sharding
+
+NUM_CLASSES = 4
+CANVAS = (24, 20)
+
+
+def _examples(num, seed=0):
+  """`num` images of different sizes with labels (255 patches included)."""
+  rng = np.random.default_rng(seed)
+  examples = []
+  # A few distinct sizes (the reference compiles once per size).
+  sizes = [CANVAS, (17, 20), (9, 13)]
+  for index in range(num):
+    h, w = sizes[index % len(sizes)]
+    label = rng.integers(0, NUM_CLASSES, size=(h, w)).astype(np.int32)
+    label[rng.random((h, w)) < 0.1] = 255
+    examples.append({'image': rng.normal(size=(h, w, 3)).astype(np.float32),
+                     'label': label, 'index': index})
+  return examples
+
+
+def _batches(examples, batch_size, process_index=0, process_count=1):
+  """What pipeline.build_eval_iter yields: padded canvases, fillers."""
+  mine = examples[process_index::process_count]
+  num_batches = math.ceil(math.ceil(len(examples) / process_count)
+                          / batch_size)
+  mine = mine + [None] * (num_batches * batch_size - len(mine))
+  for start in range(0, len(mine), batch_size):
+    batch = {'image': [], 'label': [], 'image_size': [], 'valid': [],
+             'index': []}
+    for example in mine[start:start + batch_size]:
+      image = np.zeros(CANVAS + (3,), np.float32)
+      label = np.full(CANVAS, 255, np.int32)
+      size, index = CANVAS, -1
+      if example is not None:
+        size = example['label'].shape
+        image[:size[0], :size[1]] = example['image']
+        label[:size[0], :size[1]] = example['label']
+        index = example['index']
+      batch['image'].append(image)
+      batch['label'].append(label)
+      batch['image_size'].append(np.array(size, np.int32))
+      batch['valid'].append(example is not None)
+      batch['index'].append(index)
+    yield {k: np.stack(v) for k, v in batch.items()}
+
+
+def _model():
+  module = eval_standins.ConvPool(num_classes=NUM_CLASSES)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+  return module, {'params': variables['params'], 'batch_stats': {}}
+
+
+def test_13_images_on_8_devices_counted_once_and_scored_exactly():
+  assert jax.device_count() == 8
+  module, variables = _model()
+  examples = _examples(13)
+  mesh = sharding.make_mesh()
+  options = inference.InferenceOptions()
+  result, samples = evaluate.evaluate_batches(
+      module, variables, _batches(examples, 8), NUM_CLASSES, mesh, options,
+      num_samples=3)
+  assert result['num_images'] == 13
+  # Independent reference: each image alone, at its own size, one device.
+  expected = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+  apply = jax.jit(module.apply)
+  for example in examples:
+    logits = apply(variables, example['image'][None])
+    prediction = np.asarray(jnp.argmax(logits, -1))[0]
+    keep = example['label'] != 255
+    np.add.at(expected, (example['label'][keep], prediction[keep]), 1)
+  np.testing.assert_array_equal(result['confusion_matrix'], expected)
+  assert result['miou'] == metrics.scores(expected)['miou']
+  assert [s['index'] for s in samples] == [0, 1, 2]
+  assert samples[1]['prediction'].shape == examples[1]['label'].shape
+
+
+def test_device_and_batch_count_do_not_change_the_result():
+  module, variables = _model()
+  examples = _examples(13, seed=1)
+  options = inference.InferenceOptions()
+  eight, _ = evaluate.evaluate_batches(
+      module, variables, _batches(examples, 16), NUM_CLASSES,
+      sharding.make_mesh(), options)
+  one, _ = evaluate.evaluate_batches(
+      module, variables, _batches(examples, 3), NUM_CLASSES,
+      sharding.make_mesh(jax.devices()[:1]), options)
+  np.testing.assert_array_equal(eight['confusion_matrix'],
+                                one['confusion_matrix'])
+  assert eight['num_images'] == one['num_images'] == 13
+
+
+def test_report_and_table(tmp_path):
+  confusion = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])
+  result = metrics.scores(confusion)
+  result.update(confusion_matrix=confusion, num_images=2)
+
+  class Meta:
+    class_names = ('bg', 'cat', 'dog')
+    palette = ((0, 0, 0), (128, 0, 0), (0, 128, 0))
+    ignore_label = 255
+
+  rng = np.random.default_rng(0)
+  samples = [{'image': rng.normal(size=(6, 7, 3)), 'index': 3,
+              'label': rng.integers(0, 3, size=(6, 7)),
+              'prediction': rng.integers(0, 3, size=(6, 7))}]
+  evaluate.write_outputs(str(tmp_path), result, Meta, samples,
+                         {'step': 7, 'scales': [1.0], 'flip': False})
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['per_class_iou']['dog'] is None  # absent: NaN -> null
+  assert report['per_class_iou']['cat'] == 3 / 6
+  assert report['miou'] == (5 / 8 + 3 / 6) / 2
+  assert report['num_images'] == 2 and report['step'] == 7
+  assert report['confusion_matrix'] == confusion.tolist()
+  assert (tmp_path / 'confusion_matrix.png').exists()
+  assert (tmp_path / 'overlays' / '00003.png').exists()
+  table = evaluate.format_table(result, Meta.class_names)
+  assert 'dog' in table and 'mIoU 56.25' in table
+
+
+def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
+  """evaluate.run on a smoke workdir: counts, scores and files."""
+  # pylint: disable=g-import-not-at-top
+  from pan_jax.data import sources
+  from pan_jax.data import transforms
+  # pylint: enable=g-import-not-at-top
+  workdir, config, meta, model, variables = eval_standins.smoke_workdir()
+  output = tmp_path / 'out'
+  report = evaluate.run(workdir, output=str(output), num_overlays=2,
+                        batch_size=4, progress=False)
+  # Independent reference: the split's examples padded by hand, one device.
+  source = sources.open_split(config.data, config.data.eval_split)
+  canvas = tuple(config.eval.canvas_size)
+  images = np.zeros((len(source),) + canvas + (3,), np.float32)
+  sizes = np.zeros((len(source), 2), np.int32)
+  labels = []
+  for i in range(len(source)):
+    example = source[i]
+    h, w = example['label'].shape
+    images[i, :h, :w] = transforms.normalize(example['image'])
+    sizes[i] = h, w
+    labels.append(example['label'].astype(np.int64))
+  logits = jax.jit(lambda v, x, s: model.apply(v, x, train=False,
+                                               image_sizes=s))(
+                                                   variables, images, sizes)
+  predictions = np.asarray(jnp.argmax(logits, -1))
+  expected = np.zeros((meta.num_classes,) * 2, np.int64)
+  for i, label in enumerate(labels):
+    h, w = label.shape
+    keep = label != 255
+    np.add.at(expected, (label[keep], predictions[i, :h, :w][keep]), 1)
+  confusion = np.asarray(report['confusion_matrix'])
+  assert report['num_images'] == len(source) == 10
+  # Ground-truth pixels per class do not depend on the predictions: exact.
+  np.testing.assert_array_equal(confusion.sum(1), expected.sum(1))
+  # Predictions: another program (8 devices, batch 4); allow rare ties.
+  assert np.abs(confusion - expected).sum() <= 2e-3 * expected.sum()
+  assert report['step'] == 4 and report['scales'] == [1.0]
+  assert report['flip'] is False and report['mode'] == 'whole'
+  assert set(report['per_class_iou']) == set(meta.class_names)
+  written = json.loads((output / 'report.json').read_text())
+  assert written['miou'] == report['miou']
+  assert (output / 'confusion_matrix.png').exists()
+  assert len(list((output / 'overlays').iterdir())) == 2

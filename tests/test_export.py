@@ -1,0 +1,78 @@
+"""Tests of pan_jax.export: inference checkpoints and the StableHLO artefact."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import eval_standins
+from pan_jax import export
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+  """(workdir pieces, EXPORT directory) after `export.run(workdir, EXPORT)`."""
+  run = eval_standins.smoke_workdir()
+  output = str(tmp_path_factory.mktemp('export') / 'export')
+  assert export.run(run[0], output) == 4
+  return run, output
+
+
+def _images(batch, size=64):
+  rng = np.random.default_rng(batch)
+  return rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+
+
+def test_workdir_and_export_load_the_same(exported):
+  (workdir, config, meta, _, variables), output = exported
+  for path in (workdir, output):
+    loaded_config, loaded_meta, loaded_variables, step = export.load(path)
+    assert step == 4
+    assert loaded_meta == meta
+    assert loaded_config.model.to_dict() == json.loads(
+        config.model.to_json())
+    assert set(loaded_variables) == {'params', 'batch_stats'}
+    jax.tree.map(np.testing.assert_array_equal, loaded_variables, variables)
+  # No optimiser state, nothing but the documented files.
+  assert sorted(os.listdir(output)) == sorted([
+      'config.json', 'dataset.json', 'export.json', 'model.json',
+      'model.stablehlo', 'variables'])
+
+
+def test_reload_gives_identical_logits(exported):
+  (_, _, _, model, variables), output = exported
+  images = _images(3)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  expected = np.asarray(apply(variables, images))
+  _, _, reloaded, _ = export.load(output)
+  np.testing.assert_array_equal(apply(reloaded, images), expected)
+  # The StableHLO artefact, with only jax + orbax (as the README shows).
+  artefact = export.load_stablehlo(output)
+  assert artefact.in_avals[-1].shape[1:] == (64, 64, 3)  # images, last
+  restored = export.restore_variables(os.path.join(output, 'variables'))
+  np.testing.assert_array_equal(artefact.call(restored, images), expected)
+  # The batch dimension is symbolic: any batch size runs (compare with the
+  # same batch size: XLA may pick other kernels, rounding otherwise).
+  np.testing.assert_array_equal(artefact.call(restored, images[:1]),
+                                apply(variables, images[:1]))
+  info = json.loads(open(os.path.join(output, 'model.json')).read())
+  assert info['logits'].startswith('float32 [b, 64, 64, 6]')
+  assert set(info['platforms']) == {'cpu', 'cuda', 'tpu'}
+
+
+def test_errors_name_the_problem(exported, tmp_path):
+  (workdir, *_), output = exported
+  with pytest.raises(FileExistsError, match='already exists'):
+    export.run(workdir, output)
+  with pytest.raises(FileNotFoundError, match='step 3'):
+    export.load(workdir, step=3)
+  with pytest.raises(ValueError, match='step 4'):
+    export.load(output, step=5)
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    export.load(str(tmp_path / 'missing'))
+  with pytest.raises(FileNotFoundError, match='config.json'):
+    export.load(str(tmp_path))
+  assert not [p for p in os.listdir(os.path.dirname(output))
+              if '.tmp' in p], 'no temporary directory left behind'
