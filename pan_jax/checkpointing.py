@@ -202,7 +202,8 @@ def restore_variables(workdir: str, step: Optional[int] = None
   directory = os.path.join(workdir, CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
       directory, item_names=('state', 'data_iter'),
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'data_iter': grain.checkpoint.CheckpointHandler()},
       options=ocp.CheckpointManagerOptions(create=False))
   try:
     steps = manager.all_steps()

@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
+from absl import logging
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -55,8 +56,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pan_jax import export
 from pan_jax import models
 from pan_jax import pretrained
+from pan_jax.data import sources
+from pan_jax.data import voc
 from pan_jax.models import resnet
 
 FORMATS = ('torchvision', 'timm', 'mmseg', 'smp')
@@ -126,13 +130,6 @@ SAFETENSORS_DTYPES = {
 # reference scripts: 'model').
 WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'net')
 
-VOC_CLASS_NAMES = (
-    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus',
-    'car', 'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike',
-    'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
-IGNORE_LABEL = 255
-
-
 class ConversionError(ValueError):
   """A file that cannot be converted; the message names the key or field."""
 
@@ -198,6 +195,8 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     header = json.loads(data[8:8 + header_size])
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConversionError(f'{path}: unreadable safetensors header: {e}') from e
+  if not isinstance(header, dict):
+    raise ConversionError(f'{path}: the safetensors header is not a mapping')
   body = memoryview(data)[8 + header_size:]
   state = {}
   for name, entry in header.items():
@@ -212,6 +211,10 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
           f'{path}: tensor {name!r} has a malformed header entry {entry!r}'
           ) from e
     want = int(np.prod(shape)) * dtype.itemsize
+    if not 0 <= begin <= end:
+      raise ConversionError(
+          f'{path}: tensor {name!r} has invalid data offsets {begin}..{end}: '
+          'the file is corrupted')
     if end > len(body):
       raise ConversionError(
           f'{path}: tensor {name!r} (shape {shape}) lies at bytes '
@@ -227,8 +230,9 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def _to_numpy_dtype(array: np.ndarray) -> np.ndarray:
+  """A writable copy; floating point (incl. bfloat16) as float32."""
   if np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16:
-    return np.asarray(array, np.float32)
+    return np.array(array, np.float32)
   return np.array(array)
 
 
@@ -247,7 +251,6 @@ def _read_torch(path: str) -> Tuple[Dict[str, np.ndarray], str]:
     # weights_only refuses pickled code (UnpicklingError); a truncated or
     # corrupted zip archive raises RuntimeError. Either way, say which file.
     detail = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    hint = ''
     if 'weights_only' in str(e) or 'Unsupported global' in str(e):
       hint = (' The file pickles Python objects besides tensors; re-save '
               'only the weights: torch.save(model.state_dict(), FILE).')
@@ -282,8 +285,8 @@ def _unwrap(obj: Any, path: str, torch: Any) -> Tuple[Dict[str, Any], str]:
       rest = f' (ignored: {", ".join(others)})' if others else ''
       return dict(inner), f'state dict in the {key!r} entry{rest}'
   raise ConversionError(
-      f'{path} holds a dict with keys {sorted(map(str, obj))[:10]} but no state '
-      f'dict: expected a mapping of names to tensors, or one under '
+      f'{path} holds a dict with keys {sorted(map(str, obj))[:10]} but no '
+      f'state dict: expected a mapping of names to tensors, or one under '
       f'{" / ".join(map(repr, WRAPPER_KEYS))}')
 
 
@@ -395,11 +398,12 @@ def infer_arch(fmt: str, state: Mapping[str, np.ndarray], path: str) -> Arch:
   suffix = next((s for s, v in ARCH_SUFFIXES[fmt].items()
                  if v == (stem, avg_down)), None)
   if suffix is None:
+    names = ', '.join('resnet<depth>' + s for s in ARCH_SUFFIXES[fmt])
     raise ConversionError(
         f'{path}: a {backbone} with a {stem} stem and '
         f'{"avg-pool" if avg_down else "strided-conv"} shortcuts is no '
-        f'{fmt} architecture pan_jax knows; pick another --format (valid '
-        f'{fmt} names: {", ".join("resnet<depth>" + s for s in ARCH_SUFFIXES[fmt])})')
+        f'{fmt} architecture pan_jax knows ({fmt} names: {names}); try '
+        'another --format')
   return Arch(backbone + suffix, backbone, stem, avg_down)
 
 
@@ -443,9 +447,12 @@ def _check_format(fmt: str, state: Mapping[str, Any], path: str) -> None:
 
 def _split_mmseg(state: Dict[str, np.ndarray]
                  ) -> Tuple[Dict[str, np.ndarray], List[str]]:
-  """mmseg checkpoints prefix the backbone with 'backbone.'; drop the heads."""
-  if not any(k.startswith('backbone.') for k in state):
-    return state, []
+  """The 'backbone.*' part of an mmseg segmentation checkpoint.
+
+  Returns:
+    (backbone state dict without the prefix, the decode_head.* and
+    auxiliary_head.* keys left out).
+  """
   backbone, heads, other = {}, [], []
   for key, value in state.items():
     if key.startswith('backbone.'):
@@ -465,8 +472,9 @@ def _split_mmseg(state: Dict[str, np.ndarray]
 # ----------------------------------------------------------------- targets --
 
 
-def _bn(train: bool = False):
-  return functools.partial(nn.BatchNorm, use_running_average=not train,
+def _bn():
+  """BatchNorm in inference mode (momentum and epsilon as configs/base.py)."""
+  return functools.partial(nn.BatchNorm, use_running_average=True,
                            momentum=0.9, epsilon=1e-5)
 
 
@@ -537,30 +545,15 @@ def smp_config(backbone: str, num_classes: int = 21,
   return config
 
 
-def dataset_meta(num_classes: int) -> Dict[str, Any]:
+def dataset_meta(num_classes: int) -> sources.DatasetMeta:
   """dataset.json of a converted smp model: VOC's classes, or generic ones."""
-  if num_classes == 21:
-    name, names = 'voc2012_aug', list(VOC_CLASS_NAMES)
+  if num_classes == len(voc.CLASS_NAMES):
+    name, names = 'voc2012_aug', tuple(voc.CLASS_NAMES)
   else:
-    name, names = 'folder', [f'class_{i}' for i in range(num_classes)]
-  return {'name': name, 'num_classes': num_classes, 'class_names': names,
-          'palette': [list(c) for c in voc_palette(num_classes)],
-          'ignore_label': IGNORE_LABEL}
-
-
-def voc_palette(num_classes: int) -> List[Tuple[int, int, int]]:
-  """The PASCAL VOC colour map (bit-interleaved class ids)."""
-  palette = []
-  for i in range(num_classes):
-    r = g = b = 0
-    c = i
-    for j in range(8):
-      r |= ((c >> 0) & 1) << (7 - j)
-      g |= ((c >> 1) & 1) << (7 - j)
-      b |= ((c >> 2) & 1) << (7 - j)
-      c >>= 3
-    palette.append((r, g, b))
-  return palette
+    name, names = 'folder', tuple(f'class_{i}' for i in range(num_classes))
+  return sources.DatasetMeta(name=name, num_classes=num_classes,
+                             class_names=names,
+                             palette=tuple(voc.color_map(num_classes)))
 
 
 def _abstract_variables(init_fn, size: Tuple[int, int]
@@ -568,7 +561,7 @@ def _abstract_variables(init_fn, size: Tuple[int, int]
   """Flattened {path: ShapeDtypeStruct} of init_fn(rng, images), no compute."""
   images = jax.ShapeDtypeStruct((1,) + tuple(size) + (3,), jnp.float32)
   shapes = jax.eval_shape(lambda x: init_fn(jax.random.PRNGKey(0), x), images)
-  return traverse_util.flatten_dict(pretrained._as_dict(shapes))  # pylint: disable=protected-access
+  return traverse_util.flatten_dict(shapes)
 
 
 def target_variables(fmt: str, arch: Arch
@@ -599,7 +592,8 @@ def _source_module(fmt: str, arch: Arch, path: Tuple[str, ...]) -> str:
   """The PyTorch module name of a pan_jax module path (without collection)."""
   if path[0] != 'backbone':
     if fmt != 'smp' or path not in SMP_HEAD_NAMES:
-      raise ConversionError(f'no {fmt} name for pan_jax module {"/".join(path)}')
+      raise ConversionError(
+          f'no {fmt} name for pan_jax module {"/".join(path)}')
     return SMP_HEAD_NAMES[path]
   prefix = _backbone_prefix(fmt)
   name = path[1]
@@ -709,18 +703,20 @@ def _write_json(path: str, value: Any) -> None:
 def write_checkpoint(output: str, variables: Mapping[str, Any],
                      info: Mapping[str, Any],
                      config: Optional[ml_collections.ConfigDict] = None,
-                     meta: Optional[Mapping[str, Any]] = None) -> None:
+                     meta: Optional[sources.DatasetMeta] = None) -> None:
   """Writes a converted directory (pan_jax/pretrained.py documents it).
 
-  Everything is written into a temporary sibling directory that is renamed
-  to `output` at the end, so `output` is complete or absent.
+  A whole network (`config` given) is written by pan_jax.export as an
+  inference checkpoint, then pretrained.json is added. A backbone is written
+  into a temporary sibling directory that is renamed to `output` at the end.
+  Either way `output` appears only once its variables are complete.
 
   Args:
     output: the directory to create; must not exist.
     variables: {'params', 'batch_stats'} numpy tree.
     info: contents of pretrained.json.
-    config: whole config (networks): written as config.json.
-    meta: dataset metadata (networks): written as dataset.json.
+    config: whole config (networks only).
+    meta: dataset metadata (networks only).
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   output = os.path.abspath(output)
@@ -728,6 +724,13 @@ def write_checkpoint(output: str, variables: Mapping[str, Any],
     raise ConversionError(
         f'--output={output} already exists; choose a new directory or remove '
         'it')
+  if config is not None:
+    export.save_inference_checkpoint(output, config, meta, dict(variables),
+                                     source=info['source']['file'])
+    # Added last; without it the directory is still a valid inference
+    # checkpoint, which pretrained.read_info also understands.
+    _write_json(os.path.join(output, pretrained.INFO_FILE), dict(info))
+    return
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(output) + '.tmp', dir=parent)
@@ -737,12 +740,6 @@ def write_checkpoint(output: str, variables: Mapping[str, Any],
                       dict(variables))
     checkpointer.wait_until_finished()
     checkpointer.close()
-    if config is not None:
-      _write_json(os.path.join(tmp, pretrained.CONFIG_FILE),
-                  json.loads(config.to_json()))
-    if meta is not None:
-      _write_json(os.path.join(tmp, pretrained.DATASET_FILE), dict(meta))
-    # pretrained.json last: its presence marks a complete directory.
     _write_json(os.path.join(tmp, pretrained.INFO_FILE), dict(info))
     os.rename(tmp, output)
   except BaseException:
@@ -791,10 +788,9 @@ def convert(fmt: str, input_path: str, output: str,
     raise ConversionError(f'--format={fmt!r}; valid: {", ".join(FORMATS)}')
   state, note = read_state_dict(input_path)
   heads = []
-  if fmt == 'mmseg':
+  if fmt == 'mmseg' and any(k.startswith('backbone.') for k in state):
     state, heads = _split_mmseg(state)
-    if heads:
-      note += ", 'backbone.' prefix stripped"
+    note += ", 'backbone.' prefix stripped"
   _check_format(fmt, state, input_path)
 
   if fmt == 'smp':
@@ -891,6 +887,9 @@ def main(argv: Sequence[str]) -> None:
   for name in ('format', 'input', 'output'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
+  if not FLAGS['verbosity'].present:
+    # Orbax logs every step of a save at INFO; the summary is what matters.
+    logging.set_verbosity(logging.WARNING)
   try:
     print(convert(FLAGS.format, FLAGS.input, FLAGS.output, FLAGS.arch))
   except ConversionError as e:

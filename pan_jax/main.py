@@ -13,6 +13,7 @@ starting Python (launch/demo.sh does) for a further gain.
 """
 
 import importlib.util
+import logging as py_logging
 import os
 import shlex
 import sys
@@ -56,8 +57,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Orbax logs every step of every save at INFO; keep its warnings only.
-  logging.get_absl_handler().addFilter(
-      lambda r: r.levelno >= logging.WARNING or '/orbax/' not in r.pathname)
+  logging.get_absl_logger().addFilter(
+      lambda r: r.levelno >= py_logging.WARNING or '/orbax/' not in r.pathname)
   if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
     jax.distributed.initialize()
   jax.config.update('jax_threefry_partitionable', True)

@@ -10,93 +10,99 @@ A converted directory DIR holds:
                        'batch_stats'}: only the 'backbone' subtrees for
                        kind 'backbone', the whole network otherwise.
   DIR/config.json,     whole networks only: with variables/ these make DIR an
-  DIR/dataset.json     inference checkpoint that `pan_jax.evaluate` and
-                       `pan_jax.predict` take as --checkpoint.
+  DIR/dataset.json,    inference checkpoint (pan_jax/export.py's format)
+  DIR/export.json      that `pan_jax.evaluate` and `pan_jax.predict` take as
+                       --checkpoint.
 
-Training starts from such a directory with `--config.model.init_from=DIR`:
-train.py calls `load_pretrained(variables, DIR, config)` on the freshly
-initialised variables. Every array is checked against the model's (name and
-shape), so a wrong `--config.model.*` fails with the name of the first
-mismatched array and the overrides the weights need.
+Training starts from such a directory with `--config.model.init_from=DIR`
+(an inference checkpoint written by `python -m pan_jax.export` works too, as
+a whole network): train.py calls `load_pretrained(variables, DIR, config)`
+on the freshly initialised variables. Every array is checked against the
+model's (name and shape), and config.model against what the weights need, so
+a wrong `--config.model.*` fails with the name of the first mismatched array
+or field and the overrides the weights need.
 """
 
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from flax import traverse_util
 import numpy as np
 
+from pan_jax import export
+
 INFO_FILE = 'pretrained.json'
-VARIABLES_DIR = 'variables'
-CONFIG_FILE = 'config.json'
-DATASET_FILE = 'dataset.json'
+# The parts of an inference checkpoint (pan_jax/export.py).
+VARIABLES_DIR = export.VARIABLES_DIR
+CONFIG_FILE = export.CONFIG_FILE
+DATASET_FILE = export.DATASET_FILE
 KINDS = ('backbone', 'network')
-COLLECTIONS = ('params', 'batch_stats')
 # config.model fields that decide what a backbone's weights mean. Shapes catch
 # most mismatches, but avg_down changes no shape: only this check sees it.
 ARCH_FIELDS = ('backbone', 'stem', 'avg_down', 'base_width')
+# config.model fields a whole network may be loaded with changed.
+NETWORK_FREE_FIELDS = ('init_from', 'output_stride', 'multi_grid',
+                       'contract_dilation', 'bn_momentum')
 
 
 def read_info(path: str) -> Dict[str, Any]:
-  """Reads DIR/pretrained.json of a converted directory.
+  """Describes a converted directory, or an inference checkpoint.
 
   Args:
-    path: the converted directory.
+    path: a directory from `python -m pan_jax.convert` (DIR/pretrained.json),
+      or an inference checkpoint from `python -m pan_jax.export` (config.json
+      and variables/, no pretrained.json): that is a whole network too.
 
   Returns:
-    The parsed JSON (keys 'kind', 'source', 'model', ...).
+    {'kind', 'source': {'format', 'arch', ...}, 'model': the config.model
+    fields of ARCH_FIELDS the weights need}.
 
   Raises:
-    FileNotFoundError / ValueError: not a converted directory.
+    FileNotFoundError / ValueError: neither kind of directory.
   """
   info_path = os.path.join(path, INFO_FILE)
+  config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(info_path):
+    if os.path.isfile(config_path) and os.path.isdir(
+        os.path.join(path, VARIABLES_DIR)):
+      model = _read_json(config_path).get('model', {})
+      return {'kind': 'network',
+              'source': {'format': 'pan_jax', 'arch': model.get('backbone')},
+              'model': {k: model[k] for k in ARCH_FIELDS if k in model}}
     raise FileNotFoundError(
         f'{path} is not a converted checkpoint: {info_path} is missing '
         '(make one with `python -m pan_jax.convert`)')
-  with open(info_path) as f:
-    try:
-      info = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{info_path} is not valid JSON: {e}') from e
+  info = _read_json(info_path)
   if info.get('kind') not in KINDS:
     raise ValueError(f'{info_path}: kind must be one of {KINDS}, got '
                      f'{info.get("kind")!r}')
   return info
 
 
+def _read_json(path: str) -> Dict[str, Any]:
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON: {e}') from e
+
+
 def restore_variables(path: str) -> Dict[str, Any]:
   """Reads DIR/variables as a nested dict of host numpy arrays."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   item = os.path.join(os.path.abspath(path), VARIABLES_DIR)
   if not os.path.isdir(item):
     raise FileNotFoundError(f'{item} is missing: {path} is not a complete '
                             'converted checkpoint')
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    # Restoring onto numpy targets keeps everything on the host, whatever the
-    # devices: the caller places the arrays.
-    metadata = checkpointer.metadata(item).item_metadata.tree
-    target = _map_leaves(
-        lambda m: np.zeros(m.shape, m.dtype), _as_dict(metadata))
-    restored = checkpointer.restore(item, target)
-  finally:
-    checkpointer.close()
-  return _map_leaves(np.asarray, _as_dict(restored))
+  # Restored onto numpy targets: host arrays whatever the devices.
+  return _as_dict(export.restore_variables(item))
 
 
 def _as_dict(tree: Any) -> Any:
-  """Nested Mappings (FrozenDict, orbax metadata trees) as plain dicts."""
+  """Nested Mappings (FrozenDict, orbax trees) as plain dicts."""
   if isinstance(tree, Mapping):
     return {k: _as_dict(v) for k, v in tree.items()}
   return tree
-
-
-def _map_leaves(fn, tree: Any) -> Any:
-  if isinstance(tree, dict):
-    return {k: _map_leaves(fn, v) for k, v in tree.items()}
-  return fn(tree)
 
 
 def required_overrides(info: Mapping[str, Any]) -> str:
@@ -107,13 +113,22 @@ def required_overrides(info: Mapping[str, Any]) -> str:
 
 
 def check_config(info: Mapping[str, Any], model_config: Any,
-                 path: str) -> None:
+                 path: str) -> List[str]:
   """Raises if config.model disagrees with what the weights need.
 
+  For a backbone that is ARCH_FIELDS. A whole network's weights mean
+  something only in the network they were trained in, so there every
+  config.model field must equal the saved config.json's except
+  NETWORK_FREE_FIELDS (changing the output stride to fine-tune or evaluate
+  is common practice).
+
   Args:
-    info: DIR/pretrained.json.
+    info: from `read_info`.
     model_config: config.model of the run.
     path: DIR, for the message.
+
+  Returns:
+    'model.X: saved -> now' for each free field that differs.
   """
   need = info.get('model', {})
   wrong = [f'model.{k}={model_config[k]!r} (the weights need {need[k]!r})'
@@ -122,6 +137,34 @@ def check_config(info: Mapping[str, Any], model_config: Any,
     raise ValueError(
         f'{path} holds {_describe_source(info)}, which this config cannot '
         f'load: {"; ".join(wrong)}. Use {required_overrides(info)}.')
+  config_path = os.path.join(path, CONFIG_FILE)
+  if info['kind'] != 'network' or not os.path.isfile(config_path):
+    return []
+  saved = _flatten(_read_json(config_path).get('model', {}), 'model')
+  # Through JSON, so that tuples and lists compare equal.
+  current = _flatten(json.loads(model_config.to_json()), 'model')
+  differing = [k for k in sorted(set(saved) | set(current))
+               if saved.get(k) != current.get(k)]
+  free = [k for k in differing if k.split('.')[1] in NETWORK_FREE_FIELDS]
+  wrong = [f'{k}={current.get(k, "<absent>")!r} (the network has '
+           f'{saved.get(k, "<absent>")!r})' for k in differing if k not in free]
+  if wrong:
+    raise ValueError(
+        f'{path} holds {_describe_source(info)} whose config.model differs '
+        f'from this run\'s: {"; ".join(wrong)}. Start from its config.json '
+        '(for converted smp models: --config=configs/smp_pan.py:BACKBONE).')
+  return [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in free
+          if k != 'model.init_from']
+
+
+def _flatten(value: Any, prefix: str) -> Dict[str, Any]:
+  """{'a': {'b': 1}} -> {'prefix.a.b': 1}; lists stay leaves."""
+  if not isinstance(value, dict):
+    return {prefix: value}
+  flat = {}
+  for key, item in value.items():
+    flat.update(_flatten(item, f'{prefix}.{key}'))
+  return flat
 
 
 def _describe_source(info: Mapping[str, Any]) -> str:
@@ -144,9 +187,9 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
     variables: {'params', 'batch_stats'} from `model.init` (jax or numpy
       leaves; anything with .shape and .dtype).
     path: a directory written by `python -m pan_jax.convert`.
-    config: the run's ConfigDict. When given, config.model's backbone, stem,
-      avg_down and base_width are checked against what the weights need
-      (avg_down changes no shape, so only this catches it).
+    config: the run's ConfigDict. When given, config.model is checked with
+      `check_config`: a backbone's ARCH_FIELDS (avg_down changes no shape, so
+      only this catches it), a network's whole config.model.
 
   Returns:
     (variables, message): a new nested dict in which the loaded leaves are
@@ -156,12 +199,11 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
 
   Raises:
     ValueError: a missing or extra array, a shape mismatch, or (with
-      `config`) an architecture field that disagrees; the message names the
-      array and both shapes, and the config overrides the weights need.
+      `config`) a config.model field that disagrees; the message names the
+      array and both shapes, or the fields and the values the weights need.
   """
   info = read_info(path)
-  if config is not None:
-    check_config(info, config.model, path)
+  changed = check_config(info, config.model, path) if config is not None else []
   loaded = restore_variables(path)
   target = traverse_util.flatten_dict(_as_dict(variables))
   source = traverse_util.flatten_dict(loaded)
@@ -184,7 +226,8 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
         f'{path} has no array for the model\'s {"/".join(missing[0])} '
         f'(shape {tuple(target[missing[0]].shape)}); {len(missing)} missing '
         f'in all{hint}')
-  extra = [k for k in source if k not in target]
+  covered_set = set(covered)
+  extra = [k for k in source if k not in covered_set]
   if extra:
     raise ValueError(
         f'{path} holds {"/".join(extra[0])} (shape '
@@ -201,4 +244,6 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
           else 'the whole network')
   message = (f'Loaded {what} from {path}: {_describe_source(info)}, '
              f'{len(covered)} arrays, {count:,} parameters.')
+  if changed:
+    message += f' Changed from the saved config: {"; ".join(changed)}.'
   return traverse_util.unflatten_dict(merged), message

@@ -103,10 +103,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
                                     batch_stats=updates['batch_stats'])
   metrics = {
       'loss': loss,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       # Checked before every save, so a checkpoint never holds inf/NaN even
       # when the last update overflowed the parameters.
-      'param_norm': optax.global_norm(new_state.params),
+      'param_norm': optax.tree.norm(new_state.params),
   }
   return new_state, metrics
 
@@ -281,12 +281,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               tx=tx)
   rng = jax.random.key(config.seed)
   replicated = sharding.replicated(mesh)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  # Tracing gives the state's shapes, dtypes and shardings (the restore
+  # target) without computing anything; it is compiled only for a fresh start.
+  init = jax.jit(init_fn, out_shardings=replicated).trace(rng)
+  abstract_state = init.out_info
   step_fn = jax.jit(
       functools.partial(train_step, ignore_label=meta.ignore_label),
-      in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, replicated),
+      in_shardings=(replicated, sharding.batch_sharding(mesh)),
+      out_shardings=(replicated, replicated),
       donate_argnames=('state',))
 
   # From here on a signal means "checkpoint as soon as possible and stop".
@@ -300,15 +302,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_step = manager.latest_step()
     if start_step is None:
       logging.info('No checkpoint in %s: starting from scratch.', workdir)
-      state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+      state = init.lower().compile()(rng)
       start_step = 0
     else:
       logging.info('Resuming from the checkpoint of step %d in %s.',
                    start_step, workdir)
-      target = jax.tree.map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-          abstract_state, state_sharding)
-      state = checkpointing.restore_state(manager, start_step, target)
+      state = checkpointing.restore_state(manager, start_step, abstract_state)
       checkpointing.restore_data_iter(manager, start_step, data_iter)
     checkpointing.save_run_info(workdir, config, meta)
     writer = _MetricWriter(workdir, start_step)

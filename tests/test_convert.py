@@ -263,7 +263,8 @@ def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
   assert 'smp resnet18 (inferred' in message
   assert '5 classes, decoder width 16' in message
   assert sorted(os.listdir(out)) == [
-      'config.json', 'dataset.json', 'pretrained.json', 'variables']
+      'config.json', 'dataset.json', 'export.json', 'pretrained.json',
+      'variables']
   with open(os.path.join(out, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   with open(os.path.join(out, 'dataset.json')) as f:
@@ -278,11 +279,28 @@ def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
   np.testing.assert_array_equal(
       variables['params']['classifier']['kernel'],
       expected[('params', 'classifier', 'kernel')])
+  # A whole network must be loaded into the network it was trained as...
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model.fpa.pooling = 'avg'
+  with pytest.raises(ValueError, match=r"model.fpa.pooling='avg' \(the "
+                     r"network has 'max'\)"):
+    pretrained.load_pretrained(_abstract(other, 5, size=128), out, other)
+  # ... though its output stride may change.
+  other = ml_collections.ConfigDict(config.to_dict())
+  other.model.output_stride = 8
+  _, message = pretrained.load_pretrained(
+      _abstract(other, 5, size=128), out, other)
+  assert 'saved config: model.output_stride: 16 -> 8' in message
+  # Without pretrained.json it is a plain inference checkpoint (what
+  # pan_jax.export writes), which init_from also takes as a whole network.
+  os.remove(os.path.join(out, pretrained.INFO_FILE))
+  _, message = pretrained.load_pretrained(
+      _abstract(config, 5, size=128), out, config)
+  assert 'pan_jax resnet18 weights (network)' in message
 
 
 def test_voc_meta_and_palette():
   meta = convert.dataset_meta(21)
-  assert meta['name'] == 'voc2012_aug'
-  assert meta['class_names'][15] == 'person'
-  assert meta['palette'][:3] == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
-  assert meta['palette'][15] == [192, 128, 128]
+  assert meta.name == 'voc2012_aug' and meta.ignore_label == 255
+  assert meta.class_names[15] == 'person'
+  assert meta.palette[:3] == ((0, 0, 0), (128, 0, 0), (0, 128, 0))

@@ -11,12 +11,10 @@ so much that PyTorch's own float32 c5 differs from its float64 c5 by 1-2e-4
 Agreement is measured as max|ours - torch| / max|torch|.
 """
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -46,6 +44,7 @@ torchvision = pytest.importorskip('torchvision')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from pan_jax import convert
+from pan_jax import export
 from pan_jax import models
 from pan_jax import pretrained
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -55,10 +54,11 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(autouse=True)
 def _precise():
-  """float32 matmuls/convs at full precision, few torch threads."""
+  """float32 matmuls/convs at full precision, few torch threads, seeded."""
   previous = jax.config.jax_default_matmul_precision
   jax.config.update('jax_default_matmul_precision', 'highest')
   torch.set_num_threads(2)
+  torch.manual_seed(0)  # The models' own random initialisation.
   yield
   jax.config.update('jax_default_matmul_precision', previous)
 
@@ -166,22 +166,27 @@ def test_torchvision_dilated_resnet_matches_contract_dilation(tmp_path):
     assert error < TOLERANCE, (i, error)
 
 
-def test_timm_resnet50d_stages_match(tmp_path):
+@pytest.mark.parametrize('output_stride, size', [(32, (64, 64)),
+                                                  (16, (65, 63))])
+def test_timm_resnet50d_stages_match(tmp_path, output_stride, size):
+  # At output stride 16 res5 is dilated and its shortcut pools with timm's
+  # AvgPool2dSame; the odd input size checks the ceil-mode pooling.
   timm = pytest.importorskip('timm')
-  model = _randomise(timm.create_model('resnet50d', pretrained=False),
-                     (64, 64))
-  images = np.random.RandomState(2).randn(1, 64, 64, 3).astype(np.float32)
+  model = _randomise(timm.create_model('resnet50d', pretrained=False,
+                                       output_stride=output_stride), (64, 64))
+  images = np.random.RandomState(2).randn(1, *size, 3).astype(np.float32)
   stem = lambda x: model.act1(model.bn1(model.conv1(x)))
   reference = _torch_stages(model, images, stem)
   # timm's trainer wraps the weights in {'state_dict': ..., 'epoch': ...}.
   features, message = _convert_and_run_backbone(
       tmp_path, 'timm', {'state_dict': model.state_dict(), 'epoch': 3},
-      images)
+      images, output_stride=output_stride, contract_dilation=True)
   assert "'state_dict' entry" in message and 'timm resnet50d' in message
   assert 'avg_down=True' in message and 'stem=deep_narrow' in message
   for i, ref in enumerate(reference):
+    assert features[f'c{i + 2}'].shape == ref.shape
     error = _relative(features[f'c{i + 2}'], ref)
-    print(f'resnet50d c{i + 2}: {error:.2e}')
+    print(f'resnet50d OS{output_stride} c{i + 2}: {error:.2e}')
     assert error < TOLERANCE, (i, error)
 
 
@@ -218,28 +223,25 @@ def test_mmseg_v1c_layout_matches_timm_resnet_c(tmp_path):
 @pytest.mark.parametrize('encoder', ['resnet18', 'resnet101'])
 def test_smp_pan_logits_match(tmp_path, encoder):
   smp = pytest.importorskip('segmentation_models_pytorch')
-  # Calibrated at 128x128, the smallest input smp's FPA takes (c5 >= 8x8).
   model = _randomise(smp.PAN(encoder, encoder_weights=None, classes=21),
-                     (128, 128))
+                     (256, 256))
   path = os.path.join(tmp_path, 'pan.pth')
   torch.save(model.state_dict(), path)
   out_dir = os.path.join(tmp_path, 'converted')
   message = convert.convert('smp', path, out_dir)
   assert f'smp {encoder} (inferred' in message and '21 classes' in message
 
-  # The converted directory carries its config; load it like evaluate does.
-  with open(os.path.join(out_dir, pretrained.CONFIG_FILE)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  assert config.model.backbone == encoder
-  with open(os.path.join(out_dir, pretrained.DATASET_FILE)) as f:
-    meta = json.load(f)
-  assert meta['num_classes'] == 21 and meta['class_names'][1] == 'aeroplane'
-  network = models.create_model(config, 21)
+  # The converted directory is an inference checkpoint: load it as
+  # evaluate and predict do.
+  config, meta, variables, step = export.load(out_dir)
+  assert config.model.backbone == encoder and step is None
+  assert meta.num_classes == 21 and meta.class_names[1] == 'aeroplane'
+  network = models.create_model(config, meta.num_classes)
+  # And as a whole network for training (init_from).
   abstract = jax.eval_shape(
       lambda x: network.init(jax.random.PRNGKey(0), x, train=False),
       jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32))
-  variables, load_message = pretrained.load_pretrained(abstract, out_dir,
-                                                       config)
+  _, load_message = pretrained.load_pretrained(abstract, out_dir, config)
   assert 'the whole network' in load_message
   apply = jax.jit(lambda v, x: network.apply(v, x, train=False))
   for size in ((256, 256), (320, 480)):

@@ -116,6 +116,17 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
         metadata=metadata,
     )
 
+  # tfds prints "Downloading and preparing ..." and "... downloaded and
+  # prepared"; nothing is downloaded here, so say what happens instead.
+  def _log_download_bytes(self):
+    counts = ', '.join(f'{split}: {len(examples)}'
+                       for split, examples in self._spec.splits.items())
+    print(f'Building {self.name} from {self._spec.source_dir} ({counts} '
+          f'examples) in {self.data_dir} ...', flush=True)
+
+  def _log_download_done(self):
+    pass
+
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
     return {split: self._generate_examples(split, examples)

@@ -1,0 +1,94 @@
+"""One train-step or inference measurement of a configured network.
+
+Called by `python -m pan_jax.bench train|infer` in a fresh subprocess per
+measurement. It times what users run: `train.train_step` (forward, pixel
+cross-entropy ignoring 255, backward, SGD with momentum and weight decay,
+BatchNorm statistics update; state donated) and the jitted eval-mode forward,
+on random data of the requested size, blocking on every iteration.
+"""
+
+import functools
+import resource
+import statistics
+import time
+
+import jax
+from ml_collections.config_flags import config_flags
+
+from pan_jax import models
+from pan_jax import optim
+from pan_jax import train
+
+
+def load_config(spec: str):
+  """Loads `path[:arg]` the way `--config=path[:arg]` does."""
+  parser = config_flags._ConfigFileParser(name='config')  # pylint: disable=protected-access
+  return parser.parse(spec)
+
+
+def _flops(compiled) -> float:
+  try:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0]
+    return float(analysis.get('flops', float('nan')))
+  except Exception:  # pylint: disable=broad-except
+    return float('nan')  # not every backend reports a cost analysis
+
+
+def run(args, mode: str, batch: int) -> dict:
+  """Measures `mode` ('train' or 'infer') and returns a JSON-able record."""
+  config = load_config(args.config)
+  config.compute_dtype = args.dtype
+  config.data.crop_size = args.size
+  config.global_batch_size = batch
+  model = models.create_model(config, args.classes)
+  rng = jax.random.key(0)
+  images = jax.random.normal(jax.random.key(1), (batch, args.size, args.size, 3))
+  labels = jax.random.randint(jax.random.key(2), (batch, args.size, args.size),
+                              0, args.classes)
+  tx = optim.create_optimizer(config)
+  state = jax.jit(functools.partial(train.create_train_state, config=config,
+                                    model=model, tx=tx))(rng)
+
+  start = time.perf_counter()
+  if mode == 'train':
+    compiled = jax.jit(train.train_step, donate_argnames=('state',)).lower(
+        state, {'image': images, 'label': labels}).compile()
+    holder = [state]
+
+    def step():
+      holder[0], metrics = compiled(holder[0], {'image': images,
+                                                'label': labels})
+      jax.block_until_ready(metrics['loss'])
+  else:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    del state
+    compiled = jax.jit(functools.partial(model.apply, train=False)).lower(
+        variables, images).compile()
+
+    def step():
+      jax.block_until_ready(compiled(variables, images))
+  compile_s = time.perf_counter() - start
+
+  for _ in range(args.warmup):
+    step()
+  times = []
+  for _ in range(args.iters):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  median = statistics.median(times)
+  flops = _flops(compiled)
+  return {
+      'mode': mode, 'config': args.config, 'batch': batch, 'size': args.size,
+      'classes': args.classes, 'dtype': args.dtype,
+      'backend': jax.default_backend(), 'devices': jax.device_count(),
+      'device_kind': jax.devices()[0].device_kind,
+      'times_s': [round(t, 4) for t in times], 'median_s': median,
+      'min_s': min(times), 'images_per_s': batch / median,
+      'compile_s': compile_s, 'gflop_per_step': flops / 1e9,
+      'achieved_tflops': flops / median / 1e12,
+      'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      'jax': jax.__version__,
+  }

@@ -1,0 +1,255 @@
+"""Tests for pan_jax.train and pan_jax.main on configs/smoke.py (CPU).
+
+The runs share one module fixture, because each costs a trace and compile:
+  straight:    6 steps on 8 devices without interruption;
+  interrupted: the same, stopped by a real SIGTERM during step 3, then
+               resumed to 6 by rerunning on the same workdir;
+  one_device:  the same as interrupted up to step 3, on a 1-device mesh;
+  subprocess:  `python -m pan_jax.main` with 1 device resuming a copy of the
+               8-device step-3 checkpoint to step 6.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+from configs import smoke
+import jax
+import numpy as np
+import pytest
+
+from pan_jax import checkpointing
+from pan_jax import optim
+from pan_jax import sharding
+from pan_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  config = smoke.get_config()
+  config.total_steps = 6
+  config.checkpoint_every_steps = 3
+  config.eval_every_steps = 0  # Validation only at the end.
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+class _Recorder:
+  """Stands in for sharding.to_global: records batches, injects events."""
+
+  def __init__(self, stop_at=None, nan_at=None):
+    self.batches = []
+    self._stop_at, self._nan_at = stop_at, nan_at
+    self._to_global = sharding.to_global
+
+  def __call__(self, batch, mesh):
+    batch = {k: np.array(v) for k, v in batch.items()}
+    if len(self.batches) + 1 == self._nan_at:
+      batch['image'][0, 0, 0, 0] = np.nan
+    self.batches.append(batch)
+    if len(self.batches) == self._stop_at:
+      # A real signal, handled by the installed handler mid-step.
+      os.kill(os.getpid(), signal.SIGTERM)
+    return self._to_global(batch, mesh)
+
+
+def _fake_validate(model, state, config, meta, mesh):
+  del model, state, config, mesh
+  return {'miou': 0.25, 'pixel_accuracy': 0.5, 'mean_accuracy': 0.4,
+          'per_class_iou': np.full(meta.num_classes, 0.25)}
+
+
+def _run(config, workdir, recorder, mesh=None):
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sharding, 'to_global', recorder)
+    patch.setattr(train, 'validate', _fake_validate)
+    return train.train_and_evaluate(config, str(workdir), mesh=mesh)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Identical programs (8-device runs; 1-device runs) compile once."""
+  cache = str(tmp_path_factory.mktemp('jax_cache'))
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs')
+  previous = {name: getattr(jax.config, name) for name in names}
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  yield cache
+  for name, value in previous.items():
+    jax.config.update(name, value)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, compilation_cache):
+  """Runs the scenarios of the module docstring once."""
+  root = tmp_path_factory.mktemp('runs')
+  out = {'root': root}
+  straight = _Recorder()
+  out['straight'] = _run(_config(), root / 'straight', straight)
+  out['straight_batches'] = straight.batches
+
+  first = _Recorder(stop_at=3)
+  out['stopped'] = _run(_config(), root / 'interrupted', first)
+  out['step3_variables'], _ = checkpointing.restore_variables(
+      str(root / 'interrupted'), step=3)
+  shutil.copytree(root / 'interrupted', root / 'to_one_device')
+  second = _Recorder()
+  out['resumed'] = _run(_config(), root / 'interrupted', second)
+  out['resumed_batches'] = first.batches + second.batches
+
+  one = _Recorder(stop_at=3)
+  _run(_config(), root / 'one_device', one,
+       mesh=sharding.make_mesh(jax.devices()[:1]))
+
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             JAX_COMPILATION_CACHE_DIR=compilation_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5')
+  out['subprocess'] = subprocess.run(
+      [sys.executable, '-m', 'pan_jax.main', '--config=configs/smoke.py',
+       f'--workdir={root / "to_one_device"}', '--config.total_steps=6',
+       '--config.checkpoint_every_steps=3', '--config.eval_every_steps=0'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
+  return out
+
+
+def _params(workdir, step=None):
+  variables, saved_step = checkpointing.restore_variables(str(workdir), step)
+  return variables, saved_step
+
+
+def test_resume_after_sigterm_is_bit_exact(runs):
+  assert runs['stopped']['stopped_by'] == 'SIGTERM'
+  assert runs['stopped']['step'] == 3
+  assert runs['resumed']['step'] == 6 and runs['resumed']['stopped_by'] is None
+  straight, straight_step = _params(runs['root'] / 'straight')
+  resumed, resumed_step = _params(runs['root'] / 'interrupted')
+  assert straight_step == resumed_step == 6
+  assert len(runs['straight_batches']) == len(runs['resumed_batches']) == 6
+  for a, b in zip(runs['straight_batches'], runs['resumed_batches']):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(a[key], b[key])
+  jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+
+
+def test_one_device_matches_eight(runs):
+  one, step = _params(runs['root'] / 'one_device')
+  assert step == 3
+  eight = runs['step3_variables']
+  # Sums are ordered differently on 1 and 8 devices; BatchNorm over a batch
+  # of 8 tiny feature maps amplifies the rounding to ~5e-5 in 3 steps.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                       atol=2e-4), one, eight)
+  # The comparison is not vacuous: training moved the parameters.
+  straight_start = jax.tree.leaves(eight)
+  assert any(np.any(x != 0) for x in straight_start)
+
+
+def test_eight_device_checkpoint_resumes_on_one_device(runs):
+  result = runs['subprocess']
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from the checkpoint of step 3' in result.stderr
+  assert '1 local / 1 global devices' in result.stderr
+  one, step = _params(runs['root'] / 'to_one_device')
+  straight, _ = _params(runs['root'] / 'straight')
+  assert step == 6
+  # 3 steps on 8 devices then 3 on 1 against 6 on 8: rounding differences
+  # grow to ~2e-4 (see test_one_device_matches_eight).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                       atol=1e-3),
+               one, straight)
+
+
+def test_workdir_contents_and_metrics(runs):
+  workdir = runs['root'] / 'straight'
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['total_steps'] == 6 and config['model']['base_width'] == 8
+  meta = json.loads((workdir / 'dataset.json').read_text())
+  assert meta['ignore_label'] == 255 and meta['num_classes'] >= 2
+  assert os.listdir(workdir / 'tensorboard')
+  records = [json.loads(l) for l in
+             (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_records = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in train_records] == [1, 2, 3, 4, 5, 6]
+  config = _config()
+  for r in train_records:
+    # The update that completes step s uses lr0 * (1 - (s-1)/total)^0.9.
+    expected = 4e-3 * (1 - (r['step'] - 1) / 6) ** 0.9
+    np.testing.assert_allclose(r['learning_rate'], expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        r['learning_rate'], optim.learning_rate(config, r['step'] - 1))
+    assert np.isfinite(r['loss']) and np.isfinite(r['grad_norm'])
+  assert all('images_per_sec' in r for r in train_records[1:])
+  val = [r for r in records if 'val/miou' in r]
+  assert [r['step'] for r in val] == [6] and val[0]['val/miou'] == 0.25
+  # The resumed run dropped nothing and repeated nothing.
+  resumed = [json.loads(l)['step'] for l in (
+      runs['root'] / 'interrupted' / 'metrics.jsonl').read_text().splitlines()
+             if 'loss' in l]
+  assert resumed == [1, 2, 3, 4, 5, 6]
+  manager = checkpointing.create_manager(str(workdir), _config())
+  assert manager.all_steps() == [3, 6]
+  manager.close()
+
+
+def test_incompatible_workdir_is_refused(runs):
+  config = _config(**{'model.decoder_channels': 8})
+  with pytest.raises(ValueError, match='model.decoder_channels: saved 16, '
+                     'now 8'):
+    train.train_and_evaluate(config, str(runs['root'] / 'straight'))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = _config()  # As in `runs`, so the compiled step is reused.
+  with pytest.raises(FloatingPointError) as e:
+    _run(config, tmp_path, _Recorder(nan_at=4))
+  message = str(e.value)
+  assert 'Non-finite training values at step 4' in message
+  assert 'last good checkpoint is step 3' in message
+  variables, step = checkpointing.restore_variables(str(tmp_path))
+  assert step == 3
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'global_batch_size': 12},
+     'config.global_batch_size=12 must be a positive multiple of the number '
+     'of devices (8'),
+    ({'data.crop_size': 16},
+     'config.data.crop_size=16 is too small for this model'),
+    ({'log_every_steps': 0}, 'config.log_every_steps must be positive'),
+])
+def test_config_guards(tmp_path, overrides, message):
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(_config(**overrides), str(tmp_path))
+  assert message in str(e.value)
+  assert not os.path.exists(tmp_path / 'checkpoints')  # Failed before.
+
+
+def test_unknown_override_is_an_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'pan_jax.main', '--config=configs/smoke.py',
+       f'--workdir={tmp_path}', '--config.optim.learing_rate=0.1'],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+      capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode != 0
+  assert 'Did you mean "learning_rate" instead of "learing_rate"?' in (
+      result.stderr)
+  assert not os.listdir(tmp_path)  # Failed before writing anything.
+
+
+def test_is_time():
+  assert [s for s in range(1, 8) if train.is_time(s, 3, 7)] == [3, 6, 7]
+  assert [s for s in range(1, 8) if train.is_time(s, 0, 7)] == [7]
