@@ -34,7 +34,7 @@ multi-scale evaluation.
 
 import dataclasses
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
