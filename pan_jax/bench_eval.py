@@ -19,13 +19,10 @@ count; default the device count), --batches (timed steps, 3), --warmup
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -57,21 +54,6 @@ def _parse(args) -> argparse.Namespace:
   return parser.parse_args(list(args or []))
 
 
-def load_config(spec: str):
-  """Loads `path.py[:arg]` and calls its get_config([arg])."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location(
-      'pan_jax_bench_config', os.path.join(REPO, path)
-      if not os.path.isabs(path) else path)
-  if module_spec is None or not os.path.exists(module_spec.origin):
-    raise FileNotFoundError(f'--eval_config: no config file {path!r}')
-  module = importlib.util.module_from_spec(module_spec)
-  if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # Config files import `configs.base`.
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
-
-
 def measure(options: argparse.Namespace, setting: str) -> Dict[str, Any]:
   """Times the eval step of one setting in this process.
 
@@ -88,12 +70,13 @@ def measure(options: argparse.Namespace, setting: str) -> Dict[str, Any]:
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from pan_jax import bench_model
   from pan_jax import evaluate
   from pan_jax import inference
   from pan_jax import models
   from pan_jax import sharding
   # pylint: enable=g-import-not-at-top
-  config = load_config(options.eval_config)
+  config = bench_model.load_config(options.eval_config)
   config.compute_dtype = options.dtype
   model = models.create_model(config, options.classes)
   mesh = sharding.make_mesh()
@@ -165,21 +148,12 @@ def measure(options: argparse.Namespace, setting: str) -> Dict[str, Any]:
 
 def _child(options: argparse.Namespace, setting: str, argv: Sequence[str]
            ) -> Dict[str, Any]:
-  """Runs `measure` for one setting in a fresh subprocess."""
-  from pan_jax import platform_setup  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ)
-  if options.cpu_tuning:
-    env.update(platform_setup.CPU_ENV)
-  with tempfile.NamedTemporaryFile('r', suffix='.json') as out:
-    command = [sys.executable, '-m', 'pan_jax.bench_eval', *argv,
-               f'--one={setting}', f'--json={out.name}']
-    proc = subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, check=False)
-    lines = [line for line in out.read().splitlines() if line.strip()]
-  if proc.returncode or not lines:
-    raise RuntimeError(f'eval benchmark {setting!r} failed:\n'
-                       f'{proc.stdout[-3000:]}')
-  return json.loads(lines[-1])
+  """Runs `measure` for one setting in a fresh subprocess (bench's runner)."""
+  from pan_jax import bench  # pylint: disable=g-import-not-at-top
+  command = [sys.executable, '-m', 'pan_jax.bench_eval', *argv,
+             f'--one={setting}']
+  return bench._run_child(  # pylint: disable=protected-access
+      command, bench.cpu_environment(options.cpu_tuning), REPO)
 
 
 def run(args: Optional[Any] = None) -> List[Dict[str, Any]]:

@@ -38,6 +38,7 @@ from pan_jax import inference
 from pan_jax import metrics
 from pan_jax import sharding
 from pan_jax import visualize
+from pan_jax.models import layers
 
 REPORT_FILE = 'report.json'
 CONFUSION_FILE = 'confusion_matrix.png'
@@ -88,11 +89,8 @@ def make_eval_step(model: Any, num_classes: int,
     sizes = batch['image_size']
     # The pipeline pads labels with 255 already; masking the region here too
     # makes the count independent of what the padding holds.
-    inside = ((jnp.arange(labels.shape[1])[None, :, None] <
-               sizes[:, 0, None, None]) &
-              (jnp.arange(labels.shape[2])[None, None, :] <
-               sizes[:, 1, None, None]))  # [B, Hc, Wc]
-    labels = jnp.where(inside, labels, -1)
+    inside = layers.valid_mask(sizes, labels.shape[1], labels.shape[2])
+    labels = jnp.where(inside[..., 0], labels, -1)  # [B, Hc, Wc]
     valid = batch['valid'].astype(bool)
     confusion += metrics.confusion_matrix(labels, predictions, num_classes,
                                           valid=valid)

@@ -13,10 +13,11 @@ below keep that property through every transformation they add:
 * multi-scale: the VALID REGION of each image is resized to
   `round(scale * (h, w))` and placed top-left on a canvas of
   `ceil(scale * (Hc, Wc))`; the probabilities come back from the scaled valid
-  region to `(h, w)` the same way. `resize_valid` builds each image's own
-  bilinear weights over its valid pixels only, so padding never leaks into a
-  border pixel; on valid pixels it equals `jax.image.resize` of the cropped
-  image (bilinear, antialiased when downsampling: jax's defaults).
+  region to `(h, w)` the same way. `models.layers.resize` with per-image
+  sizes builds each image's own bilinear weights over its valid pixels only,
+  so padding never leaks into a border pixel (half-pixel centres, no
+  antialiasing: PyTorch's `F.interpolate`, which MMSegmentation's test-time
+  augmentation uses).
 * flip: the valid region is mirrored in place (`flip_valid`); probabilities are
   mirrored back before averaging.
 * slide: windows of `window_size` every `window_stride`, placed per image as
@@ -33,10 +34,12 @@ multi-scale evaluation.
 
 import dataclasses
 import math
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Tuple
 
 import jax
 import jax.numpy as jnp
+
+from pan_jax.models import layers
 
 # apply_fn(images [B, H, W, 3] float32, image_sizes [B, 2] int32)
 #   -> logits [B, H, W, K] float32.
@@ -127,7 +130,8 @@ def predict_probs(apply_fn: ApplyFn, images: jax.Array,
     else:
       canvas = (math.ceil(height * scale), math.ceil(width * scale))
       scaled_sizes = scale_sizes(image_sizes, scale)
-      scaled_images = resize_valid(images, image_sizes, canvas, scaled_sizes)
+      scaled_images = layers.resize(images, canvas, src_sizes=image_sizes,
+                                    dst_sizes=scaled_sizes)
     for flip in (False, True) if options.flip else (False,):
       inputs = (flip_valid(scaled_images, scaled_sizes[:, 1]) if flip
                 else scaled_images)
@@ -135,7 +139,8 @@ def predict_probs(apply_fn: ApplyFn, images: jax.Array,
       if flip:
         probs = flip_valid(probs, scaled_sizes[:, 1])
       if scale != 1.0:
-        probs = resize_valid(probs, scaled_sizes, (height, width), image_sizes)
+        probs = layers.resize(probs, (height, width), src_sizes=scaled_sizes,
+                              dst_sizes=image_sizes)
       total = probs if total is None else total + probs
   count = len(options.scales) * (2 if options.flip else 1)
   return total if count == 1 else total / count
@@ -170,65 +175,6 @@ def scale_sizes(image_sizes: jax.Array, scale: float) -> jax.Array:
   """
   scaled = jnp.floor(image_sizes.astype(jnp.float32) * scale + 0.5)
   return jnp.maximum(scaled, 1).astype(jnp.int32)
-
-
-def resize_valid(x: jax.Array, sizes: jax.Array, shape: Sequence[int],
-                 new_sizes: jax.Array, antialias: bool = True) -> jax.Array:
-  """Bilinearly resizes each image's valid region to its new valid size.
-
-  Image b's top-left `sizes[b]` pixels are resized to `new_sizes[b]` and put
-  top-left on a canvas of `shape`; everything else of the output is zero. The
-  weights are those of `jax.image.resize(..., 'bilinear', antialias)` for the
-  cropped image (half-pixel centres), computed per image so that pixels
-  outside the valid region get no weight.
-
-  Args:
-    x: float [B, H, W, C].
-    sizes: int [B, 2] valid (height, width) of `x`.
-    shape: static output (height, width).
-    new_sizes: int [B, 2] valid (height, width) of the output, within shape.
-    antialias: widen the kernel when downsampling (jax.image.resize default).
-
-  Returns:
-    [B, shape[0], shape[1], C] array of x's dtype.
-  """
-  rows = _resize_weights(x.shape[1], shape[0], sizes[:, 0], new_sizes[:, 0],
-                         antialias).astype(x.dtype)  # [B, H', H]
-  cols = _resize_weights(x.shape[2], shape[1], sizes[:, 1], new_sizes[:, 1],
-                         antialias).astype(x.dtype)  # [B, W', W]
-  # HIGHEST: TPUs would otherwise multiply float32 in bfloat16 passes, and
-  # identity rows must copy pixels exactly.
-  precision = jax.lax.Precision.HIGHEST
-  x = jnp.einsum('boh,bhwc->bowc', rows, x, precision=precision)
-  return jnp.einsum('bpw,bowc->bopc', cols, x, precision=precision)
-
-
-def _resize_weights(in_size: int, out_size: int, in_valid: jax.Array,
-                    out_valid: jax.Array, antialias: bool) -> jax.Array:
-  """Per-image bilinear weights [B, out_size, in_size] over valid pixels.
-
-  Mirrors jax's `compute_weight_mat` (jax/_src/image/scale.py) with the input
-  size replaced by each image's valid size.
-  """
-  in_valid = in_valid.astype(jnp.float32)[:, None, None]  # [B, 1, 1]
-  out_valid = out_valid.astype(jnp.float32)[:, None, None]
-  inv_scale = 1.0 / (out_valid / in_valid)
-  kernel_scale = jnp.maximum(inv_scale, 1.0) if antialias else 1.0
-  out_index = jnp.arange(out_size, dtype=jnp.float32)[None, :, None]
-  in_index = jnp.arange(in_size, dtype=jnp.float32)[None, None, :]
-  # Position in the input of each output pixel's centre.
-  sample = (out_index + 0.5) * inv_scale - 0.5  # [B, out, 1]
-  weights = jnp.maximum(
-      0.0, 1.0 - jnp.abs(sample - in_index) / kernel_scale)  # triangle
-  weights = jnp.where(in_index < in_valid, weights, 0.0)
-  # Renormalise over the valid inputs: at the border this is jax's clamping.
-  total = jnp.sum(weights, axis=-1, keepdims=True)
-  weights = jnp.where(
-      jnp.abs(total) > 1000.0 * jnp.finfo(jnp.float32).eps,
-      weights / jnp.where(total != 0, total, 1.0), 0.0)
-  inside = (sample >= -0.5) & (sample <= in_valid - 0.5) & (
-      out_index < out_valid)
-  return jnp.where(inside, weights, 0.0)
 
 
 def flip_valid(x: jax.Array, widths: jax.Array) -> jax.Array:
@@ -311,12 +257,9 @@ def _slide(apply_fn: ApplyFn, images: jax.Array, image_sizes: jax.Array,
                             jnp.minimum(window_w, widths - left)], axis=1)
     probs = jax.nn.softmax(
         apply_fn(crop(images, top, left), crop_sizes), axis=-1)
-    weight = ((jnp.arange(window_h)[None, :, None] < crop_sizes[:, 0, None,
-                                                                None]) &
-              (jnp.arange(window_w)[None, None, :] < crop_sizes[:, 1, None,
-                                                                None]) &
-              ((row < image_rows) & (col < image_cols))[:, None, None])
-    weight = weight[..., None].astype(jnp.float32)  # [B, h, w, 1]
+    active = (row < image_rows) & (col < image_cols)  # [B]
+    weight = (layers.valid_mask(crop_sizes, window_h, window_w) &
+              active[:, None, None, None]).astype(jnp.float32)  # [B, h, w, 1]
     return probs * weight, weight, top, left
 
   def body(index, carry):

@@ -230,6 +230,9 @@ def run(checkpoint: str, output: str, paths: Sequence[str], *,
   from pan_jax import export  # pylint: disable=g-import-not-at-top
   from pan_jax import models  # pylint: disable=g-import-not-at-top
   config, meta, variables, step = export.load(checkpoint, step)
+  if meta.num_classes > 255:
+    raise ValueError(f'{checkpoint}: {meta.num_classes} classes do not fit '
+                     'the 8-bit class-id PNGs predict writes (at most 255)')
   options = inference.InferenceOptions.from_config(
       config.eval, mode=mode, scales=scales, flip=flip)
   model = models.create_model(config, meta.num_classes)

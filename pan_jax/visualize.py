@@ -133,18 +133,19 @@ def confusion_image(confusion: np.ndarray, class_names: Sequence[str],
   rates = np.divide(confusion, totals, out=np.zeros_like(confusion),
                     where=totals > 0)
   font = ImageFont.load_default()
-  names = [str(n) for n in class_names]
+  names = [f'{k} {name}' for k, name in enumerate(class_names)]
+  title = 'rows: ground truth, columns: prediction (row-normalised)'
   label_width = max(int(font.getlength(n)) for n in names) + 8
   size = num_classes * cell
-  # Room for row labels on the left, column labels (numbered) on top.
+  # Room for row labels on the left, a title and column numbers on top.
   top = 16 + 14
-  image = Image.new('RGB', (label_width + size + 8, top + size + 8), 'white')
+  width = max(label_width + size, int(font.getlength(title)) + 8) + 8
+  image = Image.new('RGB', (width, top + size + 8), 'white')
   draw = ImageDraw.Draw(image)
-  draw.text((label_width, 2), 'predicted (columns) / ground truth (rows)',
-            fill='black', font=font)
+  draw.text((4, 2), title, fill='black', font=font)
   for k, name in enumerate(names):
     y = top + k * cell + (cell - 10) // 2
-    draw.text((4, y), f'{name}', fill='black', font=font)
+    draw.text((4, y), name, fill='black', font=font)
     draw.text((label_width + k * cell + 2, 16), str(k % 100), fill='black',
               font=font)
   for t in range(num_classes):

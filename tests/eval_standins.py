@@ -8,16 +8,15 @@ be tested exactly and fast.
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pan_jax.models import layers
+
 
 def valid_mask(images, image_sizes):
   """float32 [B, H, W, 1]: 1 on each image's valid top-left region."""
   if image_sizes is None:
     return jnp.ones(images.shape[:3] + (1,), jnp.float32)
-  rows = jnp.arange(images.shape[1])[None, :, None] < image_sizes[:, 0, None,
-                                                                  None]
-  cols = jnp.arange(images.shape[2])[None, None, :] < image_sizes[:, 1, None,
-                                                                  None]
-  return (rows & cols)[..., None].astype(jnp.float32)
+  return layers.valid_mask(image_sizes, images.shape[1],
+                           images.shape[2]).astype(jnp.float32)
 
 
 class ConvPool(nn.Module):

@@ -175,3 +175,15 @@ def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
   assert written['miou'] == report['miou']
   assert (output / 'confusion_matrix.png').exists()
   assert len(list((output / 'overlays').iterdir())) == 2
+
+
+def test_bench_eval_measures_the_eval_step():
+  # pylint: disable=g-import-not-at-top
+  from pan_jax import bench_eval
+  # pylint: enable=g-import-not-at-top
+  options = bench_eval._parse([  # pylint: disable=protected-access
+      '--eval_config=configs/smoke.py', '--canvas=32', '--image_size=30,20',
+      '--batches=1', '--warmup=0', '--classes=3'])
+  row = bench_eval.measure(options, 'single')
+  assert row['images_per_s'] > 0 and row['batch'] == 8  # 8 fake devices
+  assert row['scales'] == [1.0] and row['image_size'] == [30, 20]
