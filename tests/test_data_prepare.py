@@ -507,3 +507,26 @@ def test_bad_sbd_mat_and_cityscapes_ids(tmp_path):
   with pytest.raises(records.BadInputError, match='Cityscapes label ids'):
     prepare.prepare('cityscapes', str(tmp_path / 'city'),
                     str(tmp_path / 'data'))
+
+
+def test_concurrent_builds_of_one_dataset_wait_for_each_other(tmp_path):
+  import threading  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  _write_folder(tmp_path / 'src', rng)
+  results, errors = [], []
+
+  def run():
+    try:
+      results.append(prepare.prepare('folder', str(tmp_path / 'src'),
+                                     str(tmp_path / 'data'), num_classes=3))
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors and len(results) == 2
+  assert results[0][0] == results[1][0]
+  assert len(_read_split(tmp_path / 'data', 'folder', 'train')) == 4

@@ -16,7 +16,9 @@ killed build leaves only an `incomplete.*` folder, which `build` removes the
 next time. A dataset is "built" iff `<version>/dataset_info.json` exists.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import multiprocessing
 import os
 import re
@@ -208,21 +210,44 @@ def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
   Raises:
     records.BadInputError: a bad input (without skip_bad) or an empty split.
   """
-  existing = built_dir(data_dir, spec.name)
-  if existing:
-    logging.info('%s is already built at %s', spec.name, existing)
-    return existing, []
   os.makedirs(data_dir, exist_ok=True)
-  _remove_incomplete(os.path.join(data_dir, spec.name))
-  builder_cls = type(
-      _camel_case(spec.name), (SegmentationBuilder,), {'name': spec.name},
-      skip_registration=True)
-  builder = builder_cls(spec, skip_bad=skip_bad, num_workers=num_workers,
-                        data_dir=data_dir, file_format='array_record')
-  # tfds insists on a download manager; keep its (empty) folders out of DATA.
-  with tempfile.TemporaryDirectory(prefix='pan_jax_dl_') as download_dir:
-    builder.download_and_prepare(download_dir=download_dir)
-  return str(builder.data_path), builder.skipped
+  with _build_lock(data_dir, spec.name):
+    existing = built_dir(data_dir, spec.name)
+    if existing:
+      logging.info('%s is already built at %s', spec.name, existing)
+      return existing, []
+    _remove_incomplete(os.path.join(data_dir, spec.name))
+    builder_cls = type(
+        _camel_case(spec.name), (SegmentationBuilder,), {'name': spec.name},
+        skip_registration=True)
+    builder = builder_cls(spec, skip_bad=skip_bad, num_workers=num_workers,
+                          data_dir=data_dir, file_format='array_record')
+    # tfds insists on a download manager; keep its (empty) folders out of
+    # DATA.
+    with tempfile.TemporaryDirectory(prefix='pan_jax_dl_') as download_dir:
+      builder.download_and_prepare(download_dir=download_dir)
+    return str(builder.data_path), builder.skipped
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str, name: str):
+  """Serialises builds of one dataset (a second prepare waits, then no-ops).
+
+  Without it, a second build would delete the first one's temporary folder.
+  An flock is released by the kernel when its process dies, so a killed
+  build never leaves a stale lock.
+  """
+  with open(os.path.join(data_dir, f'.{name}.lock'), 'w') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f'another process is building {name} in {data_dir}; waiting for '
+            'it ...', flush=True)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _remove_incomplete(root: str):
