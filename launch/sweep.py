@@ -10,7 +10,7 @@ A config file may define (flax convention)
 Each `add(...)` call is one run: its overrides become `--config.KEY=VALUE`
 flags and its workdir is WORKDIR_BASE/<key=value,...>. Usage:
 
-  python launch/sweep.py --config=configs/voc.py --workdir_base=gs://b/sweep \
+  python launch/sweep.py configs/ablation.py [--workdir_base=gs://b/sweep] \
       [--launcher="launch/tpu_vm.sh"] [--run] [-- --config.x=y ...]
 
 Without --run the commands are printed (one per line, ready for a shell or a
@@ -97,8 +97,11 @@ def commands(config_path: str, workdir_base: str, launcher: str = '',
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', required=True)
-  parser.add_argument('--workdir_base', required=True)
+  parser.add_argument('config_file', nargs='?', default=None,
+                      help='config file (or --config=FILE)')
+  parser.add_argument('--config', default=None)
+  parser.add_argument('--workdir_base', default='runs/sweep',
+                      help='each point trains in WORKDIR_BASE/<name>')
   parser.add_argument('--launcher', default='',
                       help='e.g. launch/gpu_local.sh (default: python -m)')
   parser.add_argument('--run', action='store_true',
@@ -106,7 +109,10 @@ def main(argv=None):
   parser.add_argument('extra', nargs='*',
                       help='flags added to every command (after --)')
   args = parser.parse_args(argv)
-  for command in commands(args.config, args.workdir_base, args.launcher,
+  config = args.config or args.config_file
+  if not config:
+    parser.error('give a config file: launch/sweep.py configs/X.py')
+  for command in commands(config, args.workdir_base, args.launcher,
                           tuple(args.extra)):
     print(shlex.join(command), flush=True)
     if args.run:

@@ -32,6 +32,7 @@ import optax
 import tensorboardX
 
 from pan_jax import checkpointing
+from pan_jax import evaluate
 from pan_jax import losses
 from pan_jax import models
 from pan_jax import optim
@@ -141,20 +142,28 @@ def check_config(config: ml_collections.ConfigDict,
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got '
                        f'{config[field]}.')
+  largest = sources.max_image_size(config.data, config.data.eval_split)
+  canvas = tuple(int(v) for v in config.eval.canvas_size)
+  if largest and (largest[0] > canvas[0] or largest[1] > canvas[1]):
+    raise ValueError(
+        f'config.eval.canvas_size={canvas} cannot hold the largest image of '
+        f'{config.data.name}/{config.data.eval_split} ({largest[0]}x'
+        f'{largest[1]}, HxW): validation pads every image to the canvas. Set '
+        f'--config.eval.canvas_size="({max(largest[0], canvas[0])}, '
+        f'{max(largest[1], canvas[1])})" or more.')
   if config.eval_every_steps < 0:
     raise ValueError('config.eval_every_steps must be >= 0 (0 = only at the '
                      f'end), got {config.eval_every_steps}.')
 
 
 def validate(model: Any, state: TrainState, config: ml_collections.ConfigDict,
-             meta: Any, mesh: jax.sharding.Mesh) -> Optional[dict[str, Any]]:
-  """Runs validation on config.data.eval_split; None if unavailable."""
-  try:
-    from pan_jax import evaluate  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    # TODO(train): import at the top once pan_jax.evaluate is on main.
-    logging.warning('pan_jax.evaluate is not available: skipping validation.')
-    return None
+             meta: Any, mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Scores the current state on config.data.eval_split (whole images).
+
+  Returns:
+    evaluate.evaluate_dataset's result: miou, pixel_accuracy, mean_accuracy,
+    per_class_iou, confusion_matrix, num_images.
+  """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return evaluate.evaluate_dataset(model, variables, config, meta, mesh)
 
@@ -334,9 +343,12 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
   """Steps from `start_step` to config.total_steps (or a stop request).
 
   Order after each step: log (and check values are finite), stop check,
-  validate, checkpoint. Arguments are train_and_evaluate's locals.
+  checkpoint, validate. Arguments are train_and_evaluate's locals.
   """
   total = config.total_steps
+  if start_step >= total:
+    logging.info('%s is already trained to step %d (config.total_steps=%d): '
+                 'nothing to do.', workdir, start_step, total)
   pending = []  # (step, metrics on device) not yet checked or logged.
   last_good = start_step if start_step > 0 else None
   last_metrics, eval_result, stopped_by = {}, None, None
@@ -380,26 +392,25 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       timer_step, timer_start = step, time.time()
 
     stopping = stop.should_stop(step, manager)
-    if not stopping and is_time(step, config.eval_every_steps, total):
-      eval_start = time.time()
-      eval_result = validate(model, state, config, meta, mesh)
-      if eval_result is not None:
-        summary = _summarise_eval(eval_result, meta)
-        writer.write(step, summary)
-        per_class = ', '.join(
-            f'{name} {iou:.3f}' for name, iou in
-            summary.get('val/per_class_iou', {}).items())
-        logging.info('step %d validation: mIoU %.4f (%.1fs) | %s', step,
-                     summary.get('val/miou', math.nan),
-                     time.time() - eval_start, per_class)
-      timer_start += time.time() - eval_start  # Not training time.
-
+    # Save before validating: a failing validation must not lose training.
     if stopping or step == total or manager.should_save(step):
       save_start = time.time()
       _check_finite(jax.device_get(pending), last_good, workdir)
       checkpointing.save(manager, step, state, data_iter, force=True)
       last_good = step
       timer_start += time.time() - save_start
+    if not stopping and is_time(step, config.eval_every_steps, total):
+      eval_start = time.time()
+      eval_result = validate(model, state, config, meta, mesh)
+      summary = _summarise_eval(eval_result, meta)
+      writer.write(step, summary)
+      per_class = ', '.join(f'{name} {iou:.3f}' for name, iou in
+                            summary.get('val/per_class_iou', {}).items())
+      logging.info('step %d validation: mIoU %.4f (%.1fs) | %s', step,
+                   summary.get('val/miou', math.nan),
+                   time.time() - eval_start, per_class)
+      timer_start += time.time() - eval_start  # Not training time.
+
     if stopping:
       stopped_by = stop.signal_name
       logging.warning('Stopped by %s after step %d; checkpoint saved.',

@@ -230,6 +230,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ({'data.crop_size': 16},
      'config.data.crop_size=16 is too small for this model'),
     ({'log_every_steps': 0}, 'config.log_every_steps must be positive'),
+    ({'eval.canvas_size': (64, 64)},
+     'config.eval.canvas_size=(64, 64) cannot hold the largest image of '
+     'fake/val'),
 ])
 def test_config_guards(tmp_path, overrides, message):
   with pytest.raises(ValueError) as e:
