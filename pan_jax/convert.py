@@ -536,7 +536,8 @@ def smp_config(backbone: str, num_classes: int = 21,
           'scales': (1.0,), 'flip': False, 'num_overlays': 4,
       },
       'optim': {
-          'learning_rate': 4e-3, 'poly_power': 0.9, 'warmup_steps': 0,
+          'optimizer': 'sgd', 'learning_rate': 4e-3, 'poly_power': 0.9,
+          'warmup_steps': 0,
           'momentum': 0.9, 'weight_decay': 1e-4, 'decay_norm_and_bias': True,
       },
   })
