@@ -36,6 +36,7 @@ from pan_jax import evaluate
 from pan_jax import losses
 from pan_jax import models
 from pan_jax import optim
+from pan_jax import pretrained
 from pan_jax import sharding
 from pan_jax.data import pipeline
 from pan_jax.data import sources
@@ -258,6 +259,32 @@ def _summarise_eval(result: dict[str, Any], meta: Any) -> dict[str, Any]:
   return summary
 
 
+def _load_initial_weights(state: TrainState, config: ml_collections.ConfigDict,
+                          mesh: jax.sharding.Mesh) -> TrainState:
+  """Replaces the fresh weights with config.model.init_from's, if set.
+
+  Only for a fresh start: a resumed run restores its own checkpoint. The
+  converted checkpoint (python -m pan_jax.convert) holds an ImageNet backbone
+  (the head stays as initialised) or a whole network; shapes and the model
+  fields the weights need are checked by `pretrained.load_pretrained`.
+  """
+  if not config.model.init_from:
+    return state
+  variables, message = pretrained.load_pretrained(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      config.model.init_from, config)
+  logging.info('init_from: %s', message)
+  if jax.process_index() == 0:
+    print(f'init_from {config.model.init_from}: {message}', flush=True)
+  # Every process read the same files; place them replicated on the mesh.
+  replicated = sharding.replicated(mesh)
+  place = lambda x: jax.make_array_from_callback(
+      np.shape(x), replicated, lambda index: np.asarray(x)[index])
+  return state.replace(params=jax.tree.map(place, variables['params']),
+                       batch_stats=jax.tree.map(place,
+                                                variables['batch_stats']))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, mesh: Optional[jax.sharding.Mesh] = None
                        ) -> dict[str, Any]:
@@ -316,6 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if start_step is None:
       logging.info('No checkpoint in %s: starting from scratch.', workdir)
       state = init.lower().compile()(rng)
+      state = _load_initial_weights(state, config, mesh)
       start_step = 0
     else:
       logging.info('Resuming from the checkpoint of step %d in %s.',
