@@ -9,7 +9,7 @@ Without TensorFlow: DatasetInfo is defined directly (tfds'
 `dataset_info_from_configs` wants a package layout) and images are given to
 tfds as encoded bytes (encoding a numpy array needs TF).
 
-Atomicity: tfds generates into `DATA/<name>/incomplete.XXXX_<version>/` and
+Atomicity: tfds generates into `DATA/<name>/incomplete.<random>_<version>/` and
 renames it to `DATA/<name>/<version>/` only when everything, dataset_info.json
 included, is written; on an exception it deletes the temporary folder. A
 killed build leaves only an `incomplete.*` folder, which `build` removes the
