@@ -3,7 +3,9 @@
 Layout of a training workdir (`--workdir=RUN`):
 
   RUN/checkpoints/<step>/state      train state (params, batch_stats,
-                                     opt_state, step): Orbax PyTree
+                                     opt_state, step): Orbax PyTree (not
+                                     StandardSave: PyTree restores can be
+                                     partial, see restore_variables)
   RUN/checkpoints/<step>/data_iter  grain iterator position, one JSON file
                                      per process
   RUN/config.json                   the run's ConfigDict (config.to_json())

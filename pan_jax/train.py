@@ -80,7 +80,9 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
 def train_step(state: TrainState, batch: dict[str, jax.Array],
                ignore_label: int = losses.IGNORE_LABEL
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on a global batch.
+  """One optimiser step on a global batch.
+
+  There is no rng argument: PAN has no dropout or other random layers.
 
   Args:
     state: the train state (replicated).
