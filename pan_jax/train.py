@@ -145,6 +145,11 @@ def check_config(config: ml_collections.ConfigDict,
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got '
                        f'{config[field]}.')
+  if config.model.init_from:
+    # Fails now, not after compiling, on a missing directory or weights that
+    # need another config.model.
+    pretrained.check_config(pretrained.read_info(config.model.init_from),
+                            config.model, config.model.init_from)
   largest = sources.max_image_size(config.data, config.data.eval_split)
   canvas = tuple(int(v) for v in config.eval.canvas_size)
   if largest and (largest[0] > canvas[0] or largest[1] > canvas[1]):
@@ -261,30 +266,51 @@ def _summarise_eval(result: dict[str, Any], meta: Any) -> dict[str, Any]:
   return summary
 
 
-def _load_initial_weights(state: TrainState, config: ml_collections.ConfigDict,
-                          mesh: jax.sharding.Mesh) -> TrainState:
-  """Replaces the fresh weights with config.model.init_from's, if set.
+def _load_pretrained(state: TrainState, config: ml_collections.ConfigDict,
+                     mesh: jax.sharding.Mesh) -> TrainState:
+  """Replaces initialised variables with config.model.init_from's.
 
-  Only for a fresh start: a resumed run restores its own checkpoint. The
-  converted checkpoint (python -m pan_jax.convert) holds an ImageNet backbone
-  (the head stays as initialised) or a whole network; shapes and the model
-  fields the weights need are checked by `pretrained.load_pretrained`.
+  The optimiser state does not depend on the parameter values at step 0
+  (zero momentum / moments), so only params and batch_stats change.
   """
-  if not config.model.init_from:
-    return state
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   variables, message = pretrained.load_pretrained(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      config.model.init_from, config)
-  logging.info('init_from: %s', message)
-  if jax.process_index() == 0:
-    print(f'init_from {config.model.init_from}: {message}', flush=True)
-  # Every process read the same files; place them replicated on the mesh.
-  replicated = sharding.replicated(mesh)
-  place = lambda x: jax.make_array_from_callback(
-      np.shape(x), replicated, lambda index: np.asarray(x)[index])
-  return state.replace(params=jax.tree.map(place, variables['params']),
-                       batch_stats=jax.tree.map(place,
-                                                variables['batch_stats']))
+      variables, config.model.init_from, config)
+  logging.info('%s', message)
+  variables = jax.device_put(variables, sharding.replicated(mesh))
+  return state.replace(params=variables['params'],
+                       batch_stats=variables['batch_stats'])
+
+
+# (config JSON, mesh, num_classes, ignore_label) -> _programs' result.
+_PROGRAM_CACHE: dict[tuple[Any, ...], tuple[Any, Any, Any]] = {}
+
+
+def _programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+              num_classes: int, ignore_label: int) -> tuple[Any, Any, Any]:
+  """The model, the jitted init (rng -> state) and the jitted train step.
+
+  Kept for the process, so that running the same config again (a resumed run
+  in a notebook, tests) reuses the traced and compiled programs instead of
+  tracing the network again.
+  """
+  key = (config.to_json(), mesh, num_classes, ignore_label)
+  if key not in _PROGRAM_CACHE:
+    model = models.create_model(config, num_classes=num_classes)
+    tx = optim.create_optimizer(config)
+    replicated = sharding.replicated(mesh)
+    init_fn = jax.jit(functools.partial(create_train_state, config=config,
+                                        model=model, tx=tx),
+                      out_shardings=replicated)
+    step_fn = jax.jit(
+        functools.partial(train_step, ignore_label=ignore_label),
+        in_shardings=(replicated, sharding.batch_sharding(mesh)),
+        out_shardings=(replicated, replicated),
+        donate_argnames=('state',))
+    if len(_PROGRAM_CACHE) >= 4:
+      _PROGRAM_CACHE.pop(next(iter(_PROGRAM_CACHE)))  # The oldest.
+    _PROGRAM_CACHE[key] = (model, init_fn, step_fn)
+  return _PROGRAM_CACHE[key]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -317,21 +343,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_config(config, mesh)
   checkpointing.check_compatible(workdir, config)
 
-  model = models.create_model(config, num_classes=meta.num_classes)
-  tx = optim.create_optimizer(config)
-  init_fn = functools.partial(create_train_state, config=config, model=model,
-                              tx=tx)
+  model, init_fn, step_fn = _programs(config, mesh, meta.num_classes,
+                                      meta.ignore_label)
   rng = jax.random.key(config.seed)
-  replicated = sharding.replicated(mesh)
   # Tracing gives the state's shapes, dtypes and shardings (the restore
   # target) without computing anything; it is compiled only for a fresh start.
-  init = jax.jit(init_fn, out_shardings=replicated).trace(rng)
-  abstract_state = init.out_info
-  step_fn = jax.jit(
-      functools.partial(train_step, ignore_label=meta.ignore_label),
-      in_shardings=(replicated, sharding.batch_sharding(mesh)),
-      out_shardings=(replicated, replicated),
-      donate_argnames=('state',))
+  abstract_state = init_fn.trace(rng).out_info
 
   # From here on a signal means "checkpoint as soon as possible and stop".
   stop = checkpointing.StopRequest()
@@ -344,8 +361,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_step = manager.latest_step()
     if start_step is None:
       logging.info('No checkpoint in %s: starting from scratch.', workdir)
-      state = init.lower().compile()(rng)
-      state = _load_initial_weights(state, config, mesh)
+      state = init_fn(rng)
+      if config.model.init_from:
+        state = _load_pretrained(state, config, mesh)
       start_step = 0
     else:
       logging.info('Resuming from the checkpoint of step %d in %s.',

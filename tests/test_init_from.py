@@ -31,7 +31,7 @@ def test_init_from_loads_the_saved_network_onto_the_mesh(tmp_path):
   state, _ = _fresh_state(config, seed=0)
   mesh = sharding.make_mesh()
   config.model.init_from = path
-  loaded = train._load_initial_weights(state, config, mesh)  # pylint: disable=protected-access
+  loaded = train._load_pretrained(state, config, mesh)  # pylint: disable=protected-access
   for got, want in zip(jax.tree.leaves(loaded.params),
                        jax.tree.leaves(donor.params)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -53,4 +53,4 @@ def test_init_from_refuses_an_incompatible_model(tmp_path):
   state, _ = _fresh_state(other, seed=0)
   other.model.init_from = path
   with pytest.raises(ValueError, match='decoder_channels'):
-    train._load_initial_weights(state, other, sharding.make_mesh())  # pylint: disable=protected-access
+    train._load_pretrained(state, other, sharding.make_mesh())  # pylint: disable=protected-access

@@ -300,3 +300,35 @@ def test_two_processes(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'data pipeline starts again' in result.stderr
   assert checkpointing.restore_variables(str(tmp_path / 'one'))[1] == 3
+
+
+def test_init_from_replaces_initial_variables(monkeypatch):
+  mesh = sharding.make_mesh()
+  params = {'backbone': {'conv': {'kernel': np.zeros((3, 3, 3, 4),
+                                                     np.float32)}},
+            'head': {'bias': np.zeros((4,), np.float32)}}
+  state = train.TrainState.create(
+      apply_fn=None, params=params, tx=optim.create_optimizer(_config()),
+      batch_stats={'backbone': {'bn': {'mean': np.zeros((4,), np.float32)}}})
+  state = jax.device_put(state, sharding.replicated(mesh))
+
+  def fake_load(variables, path, config):
+    assert path == '/weights' and config.model.init_from == '/weights'
+    variables = jax.tree.map(np.asarray, variables)
+    variables['params']['backbone']['conv']['kernel'] = np.ones(
+        (3, 3, 3, 4), np.float32)
+    return variables, 'Loaded the backbone from /weights.'
+
+  monkeypatch.setattr(train.pretrained, 'load_pretrained', fake_load)
+  loaded = train._load_pretrained(  # pylint: disable=protected-access
+      state, _config(**{'model.init_from': '/weights'}), mesh)
+  kernel = loaded.params['backbone']['conv']['kernel']
+  assert kernel.sharding == sharding.replicated(mesh)
+  np.testing.assert_array_equal(kernel, 1.0)
+  np.testing.assert_array_equal(loaded.params['head']['bias'], 0.0)
+
+
+def test_missing_init_from_fails_before_compiling(tmp_path):
+  config = _config(**{'model.init_from': str(tmp_path / 'nothing')})
+  with pytest.raises((FileNotFoundError, ValueError), match='nothing'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
