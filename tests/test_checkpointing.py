@@ -93,6 +93,23 @@ def test_keeps_newest_and_restore_variables(tmp_path):
     checkpointing.restore_variables(str(tmp_path / 'missing'))
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+  """A workdir relative to the current directory, as launch/demo.sh passes."""
+  monkeypatch.chdir(tmp_path)
+  mesh = sharding.make_mesh()
+  manager = checkpointing.create_manager(os.path.join('runs', 'demo'),
+                                         _config())
+  assert checkpointing.save(manager, 1, _state(mesh, 5.0), _data_iter(),
+                            force=True)
+  manager.wait_until_finished()
+  manager.close()
+  assert os.path.isdir(tmp_path / 'runs' / 'demo' / 'checkpoints' / '1')
+  variables, step = checkpointing.restore_variables(os.path.join('runs',
+                                                                 'demo'))
+  assert step == 1
+  assert np.all(variables['params']['conv']['kernel'] == 5.0)
+
+
 def test_iterator_of_other_process_count_is_rebuilt(tmp_path):
   mesh = sharding.make_mesh()
   manager = checkpointing.create_manager(str(tmp_path), _config())
