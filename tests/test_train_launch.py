@@ -13,7 +13,7 @@ import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def test_sweep_expands_points_into_commands():
   points = sweep.load_sweep('configs/demo.py')
-  assert points == [{'optim.learning_rate': lr} for lr in (1e-3, 3e-3, 1e-2)]
+  assert points == [{'optim.learning_rate': lr} for lr in (2e-3, 5e-3, 1e-2)]
   config = demo.get_config()
   for point in points:  # Every swept key is a real config field.
     for key in point:
@@ -24,8 +24,8 @@ def test_sweep_expands_points_into_commands():
                             extra=('--config.total_steps=10',))
   assert commands[0][1:] == [
       '-m', 'pan_jax.main', '--config=configs/demo.py',
-      '--workdir=/runs/sweep/learning_rate=0.001',
-      '--config.optim.learning_rate=0.001', '--config.total_steps=10']
+      '--workdir=/runs/sweep/learning_rate=0.002',
+      '--config.optim.learning_rate=0.002', '--config.total_steps=10']
   launched = sweep.commands('configs/demo.py', 'gs://b/s',
                             launcher='launch/gpu_local.sh')
   assert launched[2] == ['launch/gpu_local.sh', 'configs/demo.py',
