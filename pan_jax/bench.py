@@ -178,7 +178,8 @@ def main(argv=None):
 
 def _describe(record):
   parts = []
-  for key in ('median_s', 'images_per_s', 'peak_rss_mib', 'compile_s'):
+  for key in ('median_s', 'images_per_s', 'peak_rss_mib', 'xla_temp_mib',
+              'compile_s'):
     if key in record:
       value = record[key]
       parts.append(f'{key}={value:.3f}' if isinstance(value, float)

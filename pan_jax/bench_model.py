@@ -36,6 +36,23 @@ def _flops(compiled) -> float:
     return float('nan')  # not every backend reports a cost analysis
 
 
+def _memory_mib(compiled) -> dict:
+  """XLA's buffer plan for the program: what one step holds, compile excluded.
+
+  argument (state and batch in), output (not aliased to a donated argument)
+  and temp (activations and scratch), in MiB; {} where the backend does not
+  report them.
+  """
+  try:
+    stats = compiled.memory_analysis()
+    sizes = {'argument': stats.argument_size_in_bytes,
+             'output': stats.output_size_in_bytes - stats.alias_size_in_bytes,
+             'temp': stats.temp_size_in_bytes}
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  return {f'xla_{name}_mib': value / 2**20 for name, value in sizes.items()}
+
+
 def run(args, mode: str, batch: int) -> dict:
   """Measures `mode` ('train' or 'infer') and returns a JSON-able record."""
   config = load_config(args.config)
@@ -90,5 +107,6 @@ def run(args, mode: str, batch: int) -> dict:
       'compile_s': compile_s, 'gflop_per_step': flops / 1e9,
       'achieved_tflops': flops / median / 1e12,
       'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      **_memory_mib(compiled),
       'jax': jax.__version__,
   }
