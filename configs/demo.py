@@ -4,7 +4,7 @@
 pan_jax.data.prepare --dataset=synthetic), trains with this config and
 evaluates: within 10 minutes on a 2-core CPU, including the install, it
 reaches mIoU >= 0.80 on the synthetic val split (measured: 0.86 after 1,800
-steps, ~5.5 minutes of training at ~100 images/s). The network is the
+steps, about 5 minutes of training at ~100 images/s). The network is the
 paper's (ResNet + FPA + three GAUs) at a width that trains in minutes on a
 CPU.
 """
