@@ -79,14 +79,14 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       enable_async_checkpointing=True,
       create=True)
   return ocp.CheckpointManager(
-      os.path.join(absolute(workdir), CHECKPOINT_DIR),
+      os.path.join(_absolute(workdir), CHECKPOINT_DIR),
       item_names=('state', 'data_iter'),
       item_handlers={'state': _state_handler(),
                      'data_iter': grain.checkpoint.CheckpointHandler()},
       options=options)
 
 
-def absolute(path: str) -> str:
+def _absolute(path: str) -> str:
   """`path` made absolute, as Orbax requires; URLs (gs://...) are kept."""
   return path if '://' in path else os.path.abspath(path)
 
@@ -207,7 +207,7 @@ def restore_variables(workdir: str, step: Optional[int] = None
   Raises:
     FileNotFoundError: no checkpoint (at `step`) in the workdir.
   """
-  directory = os.path.join(absolute(workdir), CHECKPOINT_DIR)
+  directory = os.path.join(_absolute(workdir), CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
       directory, item_names=('state', 'data_iter'),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(),

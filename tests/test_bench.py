@@ -1,8 +1,9 @@
 """Tests for the train/infer benchmark harness (pan_jax.bench, bench_model).
 
-A tiny smp_pan ResNet-18 at 128 px (its smallest input), one round: the records must carry what the
-README's benchmark table is made of, and with --peer the PyTorch side must
-be measured in the same run and the ratio printed.
+A tiny smp_pan ResNet-18 at 128 px (its smallest input), one round: the
+records must carry what the README's benchmark table is made of, and with
+--peer the PyTorch side must be measured in the same run and the ratio
+printed.
 """
 
 import importlib.util
