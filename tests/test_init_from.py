@@ -20,13 +20,19 @@ def _fresh_state(config, seed):
                                   optim.create_optimizer(config)), meta
 
 
-def test_init_from_loads_the_saved_network_onto_the_mesh(tmp_path):
-  config = smoke.get_config()
+def _export_donor(config, tmp_path):
+  """A seed-1 network saved as an inference checkpoint: (state, its path)."""
   donor, meta = _fresh_state(config, seed=1)
   path = str(tmp_path / 'export')
   export.save_inference_checkpoint(
       path, config, meta,
       {'params': donor.params, 'batch_stats': donor.batch_stats})
+  return donor, path
+
+
+def test_init_from_loads_the_saved_network_onto_the_mesh(tmp_path):
+  config = smoke.get_config()
+  donor, path = _export_donor(config, tmp_path)
 
   state, _ = _fresh_state(config, seed=0)
   mesh = sharding.make_mesh()
@@ -42,12 +48,7 @@ def test_init_from_loads_the_saved_network_onto_the_mesh(tmp_path):
 
 
 def test_init_from_refuses_an_incompatible_model(tmp_path):
-  config = smoke.get_config()
-  donor, meta = _fresh_state(config, seed=1)
-  path = str(tmp_path / 'export')
-  export.save_inference_checkpoint(
-      path, config, meta,
-      {'params': donor.params, 'batch_stats': donor.batch_stats})
+  _, path = _export_donor(smoke.get_config(), tmp_path)
   other = smoke.get_config()
   other.model.decoder_channels = 24
   state, _ = _fresh_state(other, seed=0)
