@@ -38,8 +38,8 @@ def cpu_environment(tuned: bool) -> dict:
   """Environment of a measurement subprocess."""
   env = dict(os.environ)
   if tuned:
-    from pan_jax import platform_setup  # pylint: disable=g-import-not-at-top
-    env.update(platform_setup.CPU_ENV)
+    from pan_jax import runtime  # pylint: disable=g-import-not-at-top
+    env.update(runtime.CPU_ENV)
   return env
 
 

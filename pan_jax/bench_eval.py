@@ -6,7 +6,7 @@ batch - for single-scale and for multi-scale {0.5, ..., 1.75} + flip, on
 random VOC-sized images (500x375 on a 512x512 canvas) with randomly
 initialised weights (speed does not depend on them). Each setting runs in a
 fresh subprocess (own compile cache and peak RSS) with the CPU settings of
-platform_setup (harmless on GPU / TPU); the batch is sharded over every
+pan_jax.runtime (harmless on GPU / TPU); the batch is sharded over every
 device.
 
 Options (a list of strings, e.g. ['--batches=2']): --eval_config (config

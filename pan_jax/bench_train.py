@@ -63,8 +63,8 @@ def measure(config_path: str, options) -> dict:
   """Trains `options.steps` steps of one config in a subprocess."""
   env = dict(os.environ)
   if options.cpu_tuning:
-    from pan_jax import platform_setup  # pylint: disable=g-import-not-at-top
-    env.update(platform_setup.CPU_ENV)
+    from pan_jax import runtime  # pylint: disable=g-import-not-at-top
+    env.update(runtime.CPU_ENV)
   workdir = tempfile.mkdtemp(prefix='pan_jax_bench_train_')
   try:
     command = [

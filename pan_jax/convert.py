@@ -59,6 +59,7 @@ import numpy as np
 from pan_jax import export
 from pan_jax import models
 from pan_jax import pretrained
+from pan_jax import runtime
 from pan_jax.data import sources
 from pan_jax.data import voc
 from pan_jax.models import resnet
@@ -873,29 +874,34 @@ def _describe_dropped(dropped: Sequence[str], heads: Sequence[str]) -> str:
   return '; dropped ' + ', '.join(parts) if parts else ''
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum('format', None, FORMATS, 'Library the file comes from.')
-flags.DEFINE_string('input', None, '.pth / .pt / .safetensors file.')
-flags.DEFINE_string('output', None, 'Directory to create.')
-flags.DEFINE_string(
-    'arch', None, 'Architecture, e.g. resnet101, resnet101d (timm), '
-    'resnet101_v1c (mmseg); default: inferred from the keys.')
+def _define_flags() -> None:
+  """The command's flags (defined when run as a program, as every command)."""
+  flags.DEFINE_enum('format', None, FORMATS, 'Library the file comes from.')
+  flags.DEFINE_string('input', None, '.pth / .pt / .safetensors file.')
+  flags.DEFINE_string('output', None, 'Directory to create.')
+  flags.DEFINE_string(
+      'arch', None, 'Architecture, e.g. resnet101, resnet101d (timm), '
+      'resnet101_v1c (mmseg); default: inferred from the keys.')
 
 
 def main(argv: Sequence[str]) -> None:
+  """Converts --input into --output (see the module docstring)."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  flag_values = flags.FLAGS
   for name in ('format', 'input', 'output'):
-    if not FLAGS[name].value:
+    if not flag_values[name].value:
       raise app.UsageError(f'--{name} is required')
-  if not FLAGS['verbosity'].present:
-    # Orbax logs every step of a save at INFO; the summary is what matters.
+  if not flag_values['verbosity'].present:
+    # The summary is what matters; INFO lines would bury it.
     logging.set_verbosity(logging.WARNING)
   try:
-    print(convert(FLAGS.format, FLAGS.input, FLAGS.output, FLAGS.arch))
+    print(convert(flag_values.format, flag_values.input, flag_values.output,
+                  flag_values.arch))
   except ConversionError as e:
     sys.exit(f'pan_jax.convert: error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _define_flags()
+  runtime.run(main)

@@ -36,6 +36,7 @@ import tqdm
 
 from pan_jax import inference
 from pan_jax import metrics
+from pan_jax import runtime
 from pan_jax import sharding
 from pan_jax import visualize
 from pan_jax.models import layers
@@ -426,8 +427,6 @@ def main(argv: Sequence[str]) -> None:
   """Evaluates --checkpoint on --split and writes the report."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
-    jax.distributed.initialize()
   flag_values = flags.FLAGS
   run(flag_values.checkpoint, data_dir=flag_values.data_dir,
       split=flag_values.split, step=flag_values.step,
@@ -440,4 +439,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  runtime.run(main)

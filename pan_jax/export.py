@@ -46,6 +46,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pan_jax import runtime
+
 CONFIG_FILE = 'config.json'
 DATASET_FILE = 'dataset.json'
 VARIABLES_DIR = 'variables'
@@ -308,4 +310,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  runtime.run(main)

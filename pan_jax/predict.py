@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from pan_jax import inference
+from pan_jax import runtime
 from pan_jax import visualize
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -264,4 +265,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  runtime.run(main)

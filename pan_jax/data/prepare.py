@@ -24,6 +24,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from pan_jax import runtime
 from pan_jax.data import builder
 from pan_jax.data import cityscapes
 from pan_jax.data import folder
@@ -33,33 +34,6 @@ from pan_jax.data import voc
 import tensorflow_datasets as tfds
 
 DATASETS = ('voc2012_aug', 'cityscapes', 'folder', 'synthetic')
-
-_DATASET = flags.DEFINE_enum('dataset', None, DATASETS, 'Dataset to build.')
-_SOURCE_DIR = flags.DEFINE_string(
-    'source_dir', None, 'Folder holding the source files (for synthetic: '
-    'where they are generated if absent).')
-_DATA_DIR = flags.DEFINE_string(
-    'data_dir', 'data', 'tfds data_dir the dataset is written to '
-    '(config.data.data_dir).')
-_NUM_CLASSES = flags.DEFINE_integer(
-    'num_classes', None, 'folder: number of classes (ids 0..num_classes-1).')
-_IGNORE_LABEL = flags.DEFINE_integer(
-    'ignore_label', 255, 'folder: label value to ignore (>= num_classes); '
-    'stored as 255.')
-_CLASS_NAMES = flags.DEFINE_string(
-    'class_names', None, 'folder: comma-separated class names, or a text '
-    'file with one name per line (default class_0, class_1, ...).')
-_SKIP_BAD = flags.DEFINE_bool(
-    'skip_bad', False, 'Skip bad examples (listed at the end) instead of '
-    'stopping at the first.')
-_SEED = flags.DEFINE_integer('seed', 0, 'synthetic: dataset seed.')
-_NUM_TRAIN = flags.DEFINE_integer('num_train', 2000,
-                                  'synthetic: training images.')
-_NUM_VAL = flags.DEFINE_integer('num_val', 300,
-                                'synthetic: validation images.')
-_NUM_WORKERS = flags.DEFINE_integer(
-    'num_workers', min(8, os.cpu_count() or 1),
-    'Processes decoding and checking source files (0 or 1 = in process).')
 
 
 def prepare(dataset: str, source_dir: str, data_dir: str, *,
@@ -129,29 +103,32 @@ def _parse_class_names(value):
 
 
 def main(argv):
+  """Builds --dataset from --source_dir into --data_dir."""
+  flag_values = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not _DATASET.value or not _SOURCE_DIR.value:
+  if not flag_values.dataset or not flag_values.source_dir:
     raise app.UsageError('--dataset and --source_dir are required')
   logging.set_verbosity(logging.WARNING)
   try:
     path, skipped, notes, already = prepare(
-        _DATASET.value, _SOURCE_DIR.value, _DATA_DIR.value,
-        skip_bad=_SKIP_BAD.value, num_workers=_NUM_WORKERS.value,
-        num_classes=_NUM_CLASSES.value, ignore_label=_IGNORE_LABEL.value,
-        class_names=_CLASS_NAMES.value, seed=_SEED.value,
-        num_train=_NUM_TRAIN.value, num_val=_NUM_VAL.value)
+        flag_values.dataset, flag_values.source_dir, flag_values.data_dir,
+        skip_bad=flag_values.skip_bad, num_workers=flag_values.num_workers,
+        num_classes=flag_values.num_classes,
+        ignore_label=flag_values.ignore_label,
+        class_names=flag_values.class_names, seed=flag_values.seed,
+        num_train=flag_values.num_train, num_val=flag_values.num_val)
   except (records.BadInputError, ValueError) as e:
     hint = ''
-    if getattr(e, 'skippable', False) and not _SKIP_BAD.value:
+    if getattr(e, 'skippable', False) and not flag_values.skip_bad:
       hint = ('\n(--skip_bad skips such examples and lists them at the end; '
               'nothing was written)')
     print(f'\nerror: {e}{hint}', file=sys.stderr)
     return 1
   if already:
-    print(f'{_DATASET.value} is already built at {path}: nothing to do.')
+    print(f'{flag_values.dataset} is already built at {path}: nothing to do.')
   else:
-    print(f'\nbuilt {_DATASET.value} at {path}')
+    print(f'\nbuilt {flag_values.dataset} at {path}')
   print(summary(path))
   if skipped:
     print(f'\nskipped {len(skipped)} bad input(s):')
@@ -160,6 +137,34 @@ def main(argv):
   for note in notes:
     print(f'\nNOTE: {note}')
   return 0
+
+
+def _define_flags() -> None:
+  """The command's flags (defined when run as a program, as every command)."""
+  flags.DEFINE_enum('dataset', None, DATASETS, 'Dataset to build.')
+  flags.DEFINE_string(
+      'source_dir', None, 'Folder holding the source files (for synthetic: '
+      'where they are generated if absent).')
+  flags.DEFINE_string(
+      'data_dir', 'data', 'tfds data_dir the dataset is written to '
+      '(config.data.data_dir).')
+  flags.DEFINE_integer(
+      'num_classes', None, 'folder: number of classes (ids 0..num_classes-1).')
+  flags.DEFINE_integer(
+      'ignore_label', 255, 'folder: label value to ignore (>= num_classes); '
+      'stored as 255.')
+  flags.DEFINE_string(
+      'class_names', None, 'folder: comma-separated class names, or a text '
+      'file with one name per line (default class_0, class_1, ...).')
+  flags.DEFINE_bool(
+      'skip_bad', False, 'Skip bad examples (listed at the end) instead of '
+      'stopping at the first.')
+  flags.DEFINE_integer('seed', 0, 'synthetic: dataset seed.')
+  flags.DEFINE_integer('num_train', 2000, 'synthetic: training images.')
+  flags.DEFINE_integer('num_val', 300, 'synthetic: validation images.')
+  flags.DEFINE_integer(
+      'num_workers', min(8, os.cpu_count() or 1),
+      'Processes decoding and checking source files (0 or 1 = in process).')
 
 
 def summary(path: str) -> str:
@@ -176,4 +181,5 @@ def summary(path: str) -> str:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _define_flags()
+  runtime.run(main)
