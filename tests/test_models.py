@@ -276,3 +276,31 @@ def test_adaptive_pool_matches_torch():
     ref = torch.nn.functional.adaptive_avg_pool2d(
         torch.from_numpy(x).permute(0, 3, 1, 2), bins).permute(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_matches_flax(train):
+  # Same variables, outputs, running-statistics update and gradients as
+  # flax.linen.BatchNorm; only what autodiff keeps for the backward differs.
+  x = 3. + 2. * jax.random.normal(jax.random.key(0), (4, 5, 6, 8))
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  kwargs = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+  ours, ref = layers.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
+  variables = ref.init(jax.random.key(2), x)
+  assert (jax.tree.structure(ours.init(jax.random.key(2), x)) ==
+          jax.tree.structure(variables))
+  variables = jax.tree.map(  # non-trivial scale, bias and running stats
+      lambda v: v + jax.random.uniform(jax.random.key(3), v.shape), variables)
+
+  def run(module):
+    def f(x, params):
+      y, updates = module.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, x,
+          mutable=['batch_stats'])
+      return jnp.sum(y * g), (y, updates)
+    (_, (y, updates)), grads = jax.value_and_grad(
+        f, argnums=(0, 1), has_aux=True)(x, variables['params'])
+    return y, updates, grads
+
+  for got, want in zip(jax.tree.leaves(run(ours)), jax.tree.leaves(run(ref))):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

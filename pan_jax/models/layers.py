@@ -244,6 +244,58 @@ def adaptive_avg_pool(x: Array, bins: int, sizes: Optional[Array]) -> Array:
   return jnp.einsum('bpw,bowc->bopc', mw, x, precision=precision)
 
 
+class BatchNorm(nn.Module):
+  """flax.linen.BatchNorm (same variables and statistics), lighter to train.
+
+  Training normalises as `x * a + b` with per-channel `a = scale /
+  sqrt(var + eps)` and `b = bias - mean * a`. flax computes `(x - mean) *
+  a + bias`, which makes autodiff keep the centred `x - mean` (a second
+  copy of every BatchNorm input) for the backward pass; here only `x`
+  itself is kept, as PyTorch does. Statistics are flax's: float32 mean and
+  E[x^2] - E[x]^2 (clipped at 0), the biased variance in the running
+  average. With running averages the formula is flax's unchanged.
+
+  Attributes:
+    use_running_average: normalise with the running statistics.
+    momentum: decay of the running statistics.
+    epsilon: added to the variance.
+    dtype: output dtype (statistics are float32 at least).
+    param_dtype: dtype of scale and bias.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    stat_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+    ra_mean = self.variable('batch_stats', 'mean',
+                            lambda s: jnp.zeros(s, jnp.float32), (features,))
+    ra_var = self.variable('batch_stats', 'var',
+                           lambda s: jnp.ones(s, jnp.float32), (features,))
+    scale = self.param('scale', nn.initializers.ones, (features,),
+                       self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,),
+                      self.param_dtype)
+    out_dtype = self.dtype or jnp.result_type(x, scale, bias)
+    if self.use_running_average:
+      mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return jnp.asarray((x - ra_mean.value) * mul + bias, out_dtype)
+    xs = x.astype(stat_dtype)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xs, axes)
+    var = jnp.maximum(0., jnp.mean(jnp.square(xs), axes) - jnp.square(mean))
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    a = jax.lax.rsqrt(var + self.epsilon) * scale
+    b = bias - mean * a
+    return jnp.asarray(xs * a + b, out_dtype)
+
+
 class ConvBN(nn.Module):
   """Conv -> BatchNorm -> activation, zeroed outside the valid region.
 

@@ -82,7 +82,7 @@ class PAN(nn.Module):
       image_sizes = jnp.asarray(image_sizes, jnp.int32)
       images = layers.mask_invalid(images, image_sizes)
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train,
+        layers.BatchNorm, use_running_average=not train,
         momentum=self.bn_momentum, epsilon=self.bn_epsilon,
         dtype=self.dtype, param_dtype=self.param_dtype)
     sizes = {k: layers.sizes_at_stride(image_sizes, s)
