@@ -304,3 +304,15 @@ def test_batch_norm_matches_flax(train):
 
   for got, want in zip(jax.tree.leaves(run(ours)), jax.tree.leaves(run(ref))):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('channels', [16, 3])
+def test_relu_matches_jax_nn_relu(channels):
+  # 16 channels keep a packed 1-bit mask, 3 a bool one; zeros included.
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, channels))
+  x = x.at[0, 0, 0].set(0.)
+  g = jax.random.normal(jax.random.key(1), x.shape)
+  y, vjp = jax.vjp(layers.relu, x)
+  y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])

@@ -57,7 +57,7 @@ class FPA(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def _conv(self, features, kernel, name, act=nn.relu, bn=True, bias=None):
+  def _conv(self, features, kernel, name, act=layers.relu, bn=True, bias=None):
     return layers.ConvBN(
         features, self.norm, kernel=kernel, act=act, use_bn=bn,
         use_bias=self.use_bias if bias is None else bias,

@@ -244,6 +244,47 @@ def adaptive_avg_pool(x: Array, bins: int, sizes: Optional[Array]) -> Array:
   return jnp.einsum('bpw,bowc->bopc', mw, x, precision=precision)
 
 
+_BITS = np.arange(8, dtype=np.uint8)
+
+
+def _pack(mask: Array) -> Array:
+  """bool [..., C] -> uint8 [..., C / 8] (C % 8 == 0), one bit per element."""
+  bits = mask.reshape(mask.shape[:-1] + (-1, 8)).astype(jnp.uint8) << _BITS
+  return jnp.sum(bits, axis=-1, dtype=jnp.uint8)
+
+
+def _unpack(packed: Array) -> Array:
+  bits = (packed[..., None] >> _BITS) & 1
+  return bits.reshape(packed.shape[:-1] + (-1,)).astype(bool)
+
+
+@jax.custom_vjp
+def relu(x: Array) -> Array:
+  """ReLU whose backward pass keeps a 1-bit mask instead of its input.
+
+  jax.nn.relu differentiates through `x > 0` of its input, so XLA keeps the
+  whole float pre-activation alive from the forward to the backward pass.
+  The same gradient (0 at x <= 0, as jax.nn.relu) comes from the mask packed
+  8 channels a byte (a reduction, which XLA does not fuse into the backward
+  pass; a plain bool mask it would recompute from x and keep x).
+  """
+  return jnp.maximum(x, 0)
+
+
+def _relu_fwd(x):
+  mask = x > 0
+  return jnp.maximum(x, 0), (_pack(mask) if x.shape[-1] % 8 == 0 else mask)
+
+
+def _relu_bwd(mask, g):
+  if mask.dtype == jnp.uint8:
+    mask = _unpack(mask)
+  return (jnp.where(mask, g, jnp.zeros((), g.dtype)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
+
+
 class BatchNorm(nn.Module):
   """flax.linen.BatchNorm (same variables and statistics), lighter to train.
 
@@ -317,7 +358,7 @@ class ConvBN(nn.Module):
   dilation: int = 1
   use_bias: bool = False
   use_bn: bool = True
-  act: Optional[Callable[[Array], Array]] = nn.relu
+  act: Optional[Callable[[Array], Array]] = relu
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

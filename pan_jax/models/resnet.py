@@ -61,13 +61,13 @@ class BasicBlock(nn.Module):
     y = self.conv(self.planes, (3, 3), (self.stride, self.stride),
                   padding=layers.pad_for(3, self.first_dilation),
                   kernel_dilation=self.first_dilation, name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = layers.relu(self.norm(name='bn1')(y))
     y = layers.mask_invalid(y, out_sizes)
     y = self.conv(self.planes, (3, 3), padding=layers.pad_for(3, self.dilation),
                   kernel_dilation=self.dilation, name='conv2')(y)
     y = self.norm(name='bn2')(y)
     shortcut = _shortcut(self, x, sizes, self.planes)
-    return layers.mask_invalid(nn.relu(y + shortcut), out_sizes)
+    return layers.mask_invalid(layers.relu(y + shortcut), out_sizes)
 
 
 class Bottleneck(nn.Module):
@@ -87,18 +87,18 @@ class Bottleneck(nn.Module):
     out_sizes = layers.down_sizes(sizes) if self.stride == 2 else sizes
     y = self.conv(self.planes, (1, 1), padding=((0, 0), (0, 0)),
                   name='conv1')(x)
-    y = layers.mask_invalid(nn.relu(self.norm(name='bn1')(y)), sizes)
+    y = layers.mask_invalid(layers.relu(self.norm(name='bn1')(y)), sizes)
     # The first block of a stage carries its stride (and, when dilated with
     # contract_dilation, half the stage's rate) on the 3x3 conv.
     y = self.conv(self.planes, (3, 3), (self.stride, self.stride),
                   padding=layers.pad_for(3, self.first_dilation),
                   kernel_dilation=self.first_dilation, name='conv2')(y)
-    y = layers.mask_invalid(nn.relu(self.norm(name='bn2')(y)), out_sizes)
+    y = layers.mask_invalid(layers.relu(self.norm(name='bn2')(y)), out_sizes)
     y = self.conv(self.planes * 4, (1, 1), padding=((0, 0), (0, 0)),
                   name='conv3')(y)
     y = self.norm(name='bn3')(y)
     shortcut = _shortcut(self, x, sizes, self.planes * 4)
-    return layers.mask_invalid(nn.relu(y + shortcut), out_sizes)
+    return layers.mask_invalid(layers.relu(y + shortcut), out_sizes)
 
 
 def _shortcut(block, x, sizes, features):
@@ -188,12 +188,12 @@ class ResNet(nn.Module):
     if self.stem == 'torchvision':
       x = self.conv(widths[0], (7, 7), (2, 2), padding=layers.pad_for(7),
                     name='conv1')(x)
-      x = nn.relu(self.norm(name='bn1')(x))
+      x = layers.relu(self.norm(name='bn1')(x))
     else:
       for i, width in enumerate(widths):
         x = self.conv(width, (3, 3), (2, 2) if i == 0 else (1, 1),
                       padding=layers.pad_for(3), name=f'stem_conv{i + 1}')(x)
-        x = nn.relu(self.norm(name=f'stem_bn{i + 1}')(x))
+        x = layers.relu(self.norm(name=f'stem_bn{i + 1}')(x))
         x = layers.mask_invalid(x, sizes)
     # Post-ReLU values are >= 0, so zeros in the padding never win the max.
     x = layers.mask_invalid(x, sizes)
