@@ -316,3 +316,27 @@ def test_relu_matches_jax_nn_relu(channels):
   y_ref, vjp_ref = jax.vjp(jax.nn.relu, x)
   np.testing.assert_array_equal(y, y_ref)
   np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+
+
+@pytest.mark.parametrize('hw,kernel,rate', [((5, 6), 7, 1), ((3, 3), 5, 1),
+                                            ((2, 2), 3, 1), ((2, 3), 3, 2),
+                                            ((9, 9), 3, 1)])
+def test_conv_matches_lax_when_the_kernel_is_larger(hw, kernel, rate):
+  # Kernels larger than their input take the matrix-product path.
+  x = jax.random.normal(jax.random.key(0), (2, *hw, 6))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 6, 5))
+  pad = layers.pad_for(kernel, rate)
+  dn = jax.lax.conv_dimension_numbers(x.shape, w.shape,
+                                      ('NHWC', 'HWIO', 'NHWC'))
+
+  def loss(x, w, conv):
+    y = conv(x, w, (1, 1), pad, rhs_dilation=(rate, rate),
+             dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+    return jnp.sum(jnp.sin(y)), y
+
+  ours = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      x, w, layers.conv_general_dilated)
+  ref = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      x, w, jax.lax.conv_general_dilated)
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

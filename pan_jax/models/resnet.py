@@ -254,6 +254,7 @@ def create_resnet(arch: str, *, norm: ModuleDef, dtype: Any,
                      f'{sorted(OUTPUT_STRIDES)}, got {output_stride!r}')
   block, stage_sizes = ARCHS[arch]
   conv = functools.partial(nn.Conv, use_bias=False, kernel_init=layers.conv_init,
-                           dtype=dtype, param_dtype=param_dtype)
+                           dtype=dtype, param_dtype=param_dtype,
+                           conv_general_dilated=layers.conv_general_dilated)
   return ResNet(stage_sizes=stage_sizes, block=block, norm=norm, conv=conv,
                 **kwargs)
