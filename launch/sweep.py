@@ -13,6 +13,8 @@ flags and its workdir is WORKDIR_BASE/<key=value,...>. Usage:
   python launch/sweep.py configs/ablation.py [--workdir_base=gs://b/sweep] \
       [--launcher="launch/tpu_vm.sh"] [--run] [-- --config.x=y ...]
 
+(absl flags; whatever follows `--` is added to every command).
+
 Without --run the commands are printed (one per line, ready for a shell or a
 job array); with --run they are executed one after the other. With a
 launcher (launch/gpu_local.sh, launch/tpu_vm.sh, launch/gpu_slurm.sh) the
@@ -20,13 +22,15 @@ command is `LAUNCHER CONFIG WORKDIR overrides...`; otherwise it is
 `python -m pan_jax.main --config=CONFIG --workdir=WORKDIR overrides...`.
 """
 
-import argparse
 import importlib.util
 import os
 import re
 import shlex
 import subprocess
 import sys
+
+from absl import app
+from absl import flags
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,29 +99,31 @@ def commands(config_path: str, workdir_base: str, launcher: str = '',
   return result
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('config_file', nargs='?', default=None,
-                      help='config file (or --config=FILE)')
-  parser.add_argument('--config', default=None)
-  parser.add_argument('--workdir_base', default='runs/sweep',
-                      help='each point trains in WORKDIR_BASE/<name>')
-  parser.add_argument('--launcher', default='',
-                      help='e.g. launch/gpu_local.sh (default: python -m)')
-  parser.add_argument('--run', action='store_true',
-                      help='run the commands one after the other')
-  parser.add_argument('extra', nargs='*',
-                      help='flags added to every command (after --)')
-  args = parser.parse_args(argv)
-  config = args.config or args.config_file
+def _define_flags() -> None:
+  """The script's flags (absl, as every pan_jax command)."""
+  flags.DEFINE_string('config', None, 'Config file (or give it positionally).')
+  flags.DEFINE_string('workdir_base', 'runs/sweep',
+                      'Each point trains in WORKDIR_BASE/<name>.')
+  flags.DEFINE_string('launcher', '',
+                      'e.g. launch/gpu_local.sh (default: python -m).')
+  flags.DEFINE_bool('run', False, 'Run the commands one after the other.')
+
+
+def main(argv):
+  """Prints (or runs) the sweep's commands; argv: [CONFIG] [-- extra flags]."""
+  args = list(argv[1:])
+  config = flags.FLAGS.config
+  if args and not config and not args[0].startswith('--'):
+    config = args.pop(0)
   if not config:
-    parser.error('give a config file: launch/sweep.py configs/X.py')
-  for command in commands(config, args.workdir_base, args.launcher,
-                          tuple(args.extra)):
+    raise app.UsageError('give a config file: launch/sweep.py configs/X.py')
+  for command in commands(config, flags.FLAGS.workdir_base,
+                          flags.FLAGS.launcher, tuple(args)):
     print(shlex.join(command), flush=True)
-    if args.run:
+    if flags.FLAGS.run:
       subprocess.run(command, check=True, cwd=_REPO)
 
 
 if __name__ == '__main__':
-  main()
+  _define_flags()
+  app.run(main)

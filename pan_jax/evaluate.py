@@ -1,8 +1,12 @@
-"""Evaluation over a whole split; `python -m pan_jax.evaluate`.
+"""Evaluation over a whole split, and the command python -m pan_jax.evaluate.
 
-    python -m pan_jax.evaluate --checkpoint=RUN_OR_EXPORT --data_dir=DATA \
-        [--split=val] [--step=N] [--scales=0.5,0.75,1.0,1.25,1.5,1.75] \
-        [--flip] [--mode=whole|slide] [--output=OUT]
+    python -m pan_jax.evaluate --checkpoint=RUN_OR_EXPORT --data_dir=DATA
+        [--split=val] [--step=N] [--scales=0.5,0.75,1.0,1.25,1.5,1.75]
+        [--flip] [--mode=whole|slide] [--output=OUT] [--config.x=y ...]
+
+--checkpoint is a training workdir, an inference checkpoint or a converted
+network (checkpoints.load); its saved config is used, with --config.x=y
+overrides on top (e.g. --config.eval.canvas_size="(640, 640)").
 
 Correct by construction:
 * Every image of the split is counted exactly once: the data pipeline gives
@@ -24,7 +28,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import (Any, Dict, Iterable, List, Mapping, Optional, Sequence,
+                    Tuple)
 
 from absl import app
 from absl import flags
@@ -34,11 +39,16 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from pan_jax import checkpoints
+from pan_jax import defaults
 from pan_jax import inference
 from pan_jax import metrics
+from pan_jax import models
 from pan_jax import runtime
 from pan_jax import sharding
 from pan_jax import visualize
+from pan_jax.data import pipeline
+from pan_jax.data import transforms
 from pan_jax.models import layers
 
 REPORT_FILE = 'report.json'
@@ -207,7 +217,6 @@ def evaluate_dataset(model: Any, variables: Any, config: Any, meta: Any,
 def _evaluate_split(model, variables, config, meta, mesh, split, options,
                     progress, num_samples):
   """evaluate_dataset, also returning overlay samples."""
-  from pan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if options is None:
     options = inference.InferenceOptions.from_config(config.eval)
   batch_size = global_batch_size(config.eval.batch_size, mesh)
@@ -313,7 +322,6 @@ def write_outputs(output: str, result: Dict[str, Any], meta: Any,
                   samples: Sequence[Dict[str, Any]],
                   extra: Dict[str, Any]) -> None:
   """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png."""
-  from pan_jax.data import transforms  # pylint: disable=g-import-not-at-top
   os.makedirs(output, exist_ok=True)
   text = json.dumps(report(result, meta, **extra), indent=2)
   temporary = os.path.join(output, f'.{REPORT_FILE}.tmp')
@@ -338,23 +346,13 @@ def write_outputs(output: str, result: Dict[str, Any], meta: Any,
 
 
 def _define_flags() -> None:
-  """The CLI's flags (only when run as a program; this is also a library)."""
-  flags.DEFINE_string('checkpoint', None,
-                      'Training workdir or exported inference checkpoint.')
+  """The command's flags (defined when run as a program, as every command)."""
+  runtime.define_checkpoint_flags('to evaluate')
+  runtime.define_inference_flags()
   flags.DEFINE_string('data_dir', None,
                       'Prepared datasets (default: the config\'s).')
   flags.DEFINE_string('split', None,
                       'Split to evaluate (default config.data.eval_split).')
-  flags.DEFINE_integer('step', None,
-                       'Checkpoint step of a workdir (default: the latest).')
-  flags.DEFINE_list('scales', None,
-                    'Test-time scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 '
-                    '(default config.eval.scales).')
-  flags.DEFINE_boolean('flip', None,
-                       'Also average the flipped image (default '
-                       'config.eval.flip).')
-  flags.DEFINE_enum('mode', None, list(inference.MODES),
-                    'whole or slide (default config.eval.mode).')
   flags.DEFINE_integer('batch_size', None,
                        'Images per batch over all devices (default '
                        'config.eval.batch_size).')
@@ -363,7 +361,7 @@ def _define_flags() -> None:
                        'config.eval.num_overlays).')
   flags.DEFINE_string('output', None,
                       'Report directory (default CHECKPOINT/eval_<split>).')
-  flags.mark_flag_as_required('checkpoint')
+  flags.adopt_module_key_flags(runtime)  # --help lists them too.
 
 
 def run(checkpoint: str, *, data_dir: Optional[str] = None,
@@ -371,11 +369,12 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
         scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
         mode: Optional[str] = None, batch_size: Optional[int] = None,
         num_overlays: Optional[int] = None, output: Optional[str] = None,
+        config_overrides: Optional[Mapping[str, Any]] = None,
         progress: bool = True) -> Dict[str, Any]:
   """What the CLI does; None arguments take the checkpoint config's values.
 
   Args:
-    checkpoint: training workdir or inference checkpoint.
+    checkpoint: training workdir, inference checkpoint or converted network.
     data_dir: prepared datasets (config.data.data_dir).
     split: split to evaluate (config.data.eval_split).
     step: checkpoint step of a workdir (the latest).
@@ -385,14 +384,15 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
     batch_size: images per batch over all devices (config.eval.batch_size).
     num_overlays: overlay PNGs to write (config.eval.num_overlays).
     output: report directory (CHECKPOINT/eval_<split>).
+    config_overrides: {dotted path: value} set on the saved config first
+      (--config.x=y); the arguments above take precedence.
     progress: show a progress bar.
 
   Returns:
     The report (also written to OUTPUT/report.json by process 0).
   """
-  from pan_jax import export  # pylint: disable=g-import-not-at-top
-  from pan_jax import models  # pylint: disable=g-import-not-at-top
-  config, meta, variables, step = export.load(checkpoint, step)
+  config, meta, variables, step = checkpoints.load(checkpoint, step)
+  defaults.override(config, config_overrides or {})
   if data_dir:
     config.data.data_dir = data_dir
   if batch_size:
@@ -430,11 +430,9 @@ def main(argv: Sequence[str]) -> None:
   flag_values = flags.FLAGS
   run(flag_values.checkpoint, data_dir=flag_values.data_dir,
       split=flag_values.split, step=flag_values.step,
-      scales=([float(s) for s in flag_values.scales]
-              if flag_values.scales else None),
-      flip=flag_values.flip, mode=flag_values.mode,
-      batch_size=flag_values.batch_size,
-      num_overlays=flag_values.num_overlays, output=flag_values.output)
+      **runtime.inference_flag_values(), batch_size=flag_values.batch_size,
+      num_overlays=flag_values.num_overlays, output=flag_values.output,
+      config_overrides=runtime.config_overrides())
 
 
 if __name__ == '__main__':

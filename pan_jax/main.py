@@ -1,4 +1,4 @@
-"""The training command: python -m pan_jax.main --config=configs/X.py --workdir=RUN.
+"""The training command: python -m pan_jax.main --config=FILE --workdir=RUN.
 
 Overrides: --config.field=value (unknown fields are an error). Rerunning the
 same command on the same workdir resumes from its latest checkpoint.

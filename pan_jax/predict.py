@@ -1,7 +1,8 @@
-"""Segments image files; `python -m pan_jax.predict`.
+"""Segments image files: the Predictor and `python -m pan_jax.predict`.
 
-    python -m pan_jax.predict --checkpoint=RUN_OR_EXPORT --output=OUT \
+    python -m pan_jax.predict --checkpoint=RUN_OR_EXPORT --output=OUT
         IMAGE_OR_DIR... [--scales=...] [--flip] [--mode=whole|slide]
+        [--config.x=y ...]
 
 For each image (directories are searched, not recursively, for .jpg, .jpeg,
 .png, .bmp, .tif, .tiff, .webp) it writes, at the image's own size:
@@ -21,7 +22,7 @@ default to the checkpoint's config.eval.
 import functools
 import os
 import sys
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -30,9 +31,13 @@ import jax
 import numpy as np
 from PIL import Image
 
+from pan_jax import checkpoints
+from pan_jax import defaults
 from pan_jax import inference
+from pan_jax import models
 from pan_jax import runtime
 from pan_jax import visualize
+from pan_jax.data import transforms
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 _CANVAS_MULTIPLE = 32
@@ -75,7 +80,6 @@ class Predictor:
     Returns:
       uint8 [H, W] class ids.
     """
-    from pan_jax.data import transforms  # pylint: disable=g-import-not-at-top
     height, width = image.shape[:2]
     canvas_h, canvas_w = canvas_for(height, width, self._canvas_size,
                                     self._min_size)
@@ -194,43 +198,36 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
 
 
 def _define_flags() -> None:
-  """The CLI's flags (only when run as a program; this is also a library)."""
-  flags.DEFINE_string('checkpoint', None,
-                      'Training workdir or exported inference checkpoint.')
-  flags.DEFINE_integer('step', None,
-                       'Checkpoint step of a workdir (default: the latest).')
-  flags.DEFINE_string('output', None, 'Directory for the PNGs.')
-  flags.DEFINE_list('scales', None,
-                    'Test-time scales (default config.eval.scales).')
-  flags.DEFINE_boolean('flip', None,
-                       'Average with the flipped image (default '
-                       'config.eval.flip).')
-  flags.DEFINE_enum('mode', None, list(inference.MODES),
-                    'whole or slide (default config.eval.mode).')
-  flags.mark_flags_as_required(['checkpoint', 'output'])
+  """The command's flags (defined when run as a program, as every command)."""
+  runtime.define_checkpoint_flags('to predict with')
+  runtime.define_inference_flags()
+  flags.DEFINE_string('output', None, 'Directory for the PNGs.', required=True)
+  flags.adopt_module_key_flags(runtime)  # --help lists them too.
 
 
 def run(checkpoint: str, output: str, paths: Sequence[str], *,
         step: Optional[int] = None, scales: Optional[Sequence[float]] = None,
-        flip: Optional[bool] = None, mode: Optional[str] = None) -> int:
+        flip: Optional[bool] = None, mode: Optional[str] = None,
+        config_overrides: Optional[Mapping[str, Any]] = None) -> int:
   """What the CLI does; returns the exit status (1 if any input failed).
 
   Args:
-    checkpoint: training workdir or inference checkpoint.
+    checkpoint: training workdir, inference checkpoint or converted network.
     output: directory for the PNGs.
     paths: image files and directories.
     step: checkpoint step of a workdir (the latest).
     scales: test-time scales (config.eval.scales).
     flip: flip averaging (config.eval.flip).
     mode: 'whole' or 'slide' (config.eval.mode).
+    config_overrides: {dotted path: value} set on the saved config first
+      (--config.x=y); the arguments above take precedence.
 
   Returns:
     0 if every input was segmented, else 1 (the errors are logged and
     printed to stderr).
   """
-  from pan_jax import export  # pylint: disable=g-import-not-at-top
-  from pan_jax import models  # pylint: disable=g-import-not-at-top
-  config, meta, variables, step = export.load(checkpoint, step)
+  config, meta, variables, step = checkpoints.load(checkpoint, step)
+  defaults.override(config, config_overrides or {})
   if meta.num_classes > 255:
     raise ValueError(f'{checkpoint}: {meta.num_classes} classes do not fit '
                      'the 8-bit class-id PNGs predict writes (at most 255)')
@@ -257,10 +254,8 @@ def main(argv: Sequence[str]) -> int:
     raise app.UsageError('give at least one IMAGE_OR_DIR')
   flag_values = flags.FLAGS
   return run(flag_values.checkpoint, flag_values.output, paths,
-             step=flag_values.step,
-             scales=([float(s) for s in flag_values.scales]
-                     if flag_values.scales else None),
-             flip=flag_values.flip, mode=flag_values.mode)
+             step=flag_values.step, **runtime.inference_flag_values(),
+             config_overrides=runtime.config_overrides())
 
 
 if __name__ == '__main__':

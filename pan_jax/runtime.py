@@ -31,11 +31,18 @@ every host of a TPU pod slice:
 import importlib.util
 import logging as py_logging
 import os
-from typing import Any, Callable, Sequence
+import sys
+from typing import Any, Callable, Dict, Sequence
 
 from absl import app
+from absl import flags
 from absl import logging
 import jax
+from ml_collections import config_flags
+
+from pan_jax import defaults
+from pan_jax import errors
+from pan_jax import inference
 
 CPU_XLA_FLAGS = ('--xla_backend_extra_options=xla_cpu_use_multi_output_fusion'
                  ' --xla_cpu_experimental_ynn_fusion_type=reduce')
@@ -91,10 +98,90 @@ def start() -> None:
 def run(main: Callable[[Sequence[str]], Any]) -> None:
   """Runs a command: parses flags (absl), `start()`, then `main(argv)`.
 
+  A `pan_jax.errors.UserError` is printed as one line, `pan_jax.<command>:
+  error: <message>`, and the process exits with its exit_code (1, or 2 for
+  usage errors); PAN_JAX_TRACEBACK=1 raises it instead. Other exceptions
+  keep their traceback.
+
   Args:
     main: the command's main(argv); its return value is the exit status.
   """
   def start_then_main(argv):
     start()
-    return main(argv)
+    try:
+      return main(argv)
+    except errors.UserError as e:
+      if os.environ.get('PAN_JAX_TRACEBACK') == '1':
+        raise
+      print(f'{_command_name()}: error: {e}', file=sys.stderr, flush=True)
+      return e.exit_code
   app.run(start_then_main)
+
+
+def _command_name() -> str:
+  """'pan_jax.evaluate' for `python -m pan_jax.evaluate` (argv[0] otherwise)."""
+  spec = getattr(sys.modules['__main__'], '__spec__', None)
+  name = spec.name if spec is not None else os.path.basename(sys.argv[0])
+  return name.removesuffix('.__main__')
+
+
+def define_checkpoint_flags(purpose: str) -> None:
+  """--checkpoint, --step and --config.x=y, for a command that reads one.
+
+  Args:
+    purpose: what the checkpoint is for, for --help ('to evaluate').
+  """
+  flags.DEFINE_string(
+      'checkpoint', None, 'Training workdir, inference checkpoint or '
+      f'converted network {purpose}.', required=True)
+  flags.DEFINE_integer('step', None,
+                       'Checkpoint step of a workdir (default: the latest).')
+  define_config_overrides()
+
+
+def define_inference_flags() -> None:
+  """--scales, --flip and --mode: how predictions are made.
+
+  Each defaults to the checkpoint's config.eval value; read them with
+  `inference_flag_values`.
+  """
+  flags.DEFINE_list('scales', None,
+                    'Test-time scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 '
+                    '(default config.eval.scales).')
+  flags.DEFINE_boolean('flip', None,
+                       'Also average the flipped image (default '
+                       'config.eval.flip).')
+  flags.DEFINE_enum('mode', None, list(inference.MODES),
+                    'whole or slide (default config.eval.mode).')
+
+
+def inference_flag_values() -> Dict[str, Any]:
+  """{'scales', 'flip', 'mode'} as given (None where left to the config)."""
+  values = flags.FLAGS
+  return {'scales': ([float(s) for s in values.scales] if values.scales
+                     else None),
+          'flip': values.flip, 'mode': values.mode}
+
+
+def define_config_overrides() -> None:
+  """`--config.x=y` for a command that reads a checkpoint's saved config.
+
+  The flags are parsed against today's fields (pan_jax.defaults), locked: a
+  mistyped field is the same error as in training. Read them with
+  `config_overrides`.
+  """
+  config_flags.DEFINE_config_dict(
+      'config', defaults.get_config(),
+      'Overrides of the checkpoint\'s saved config, e.g. '
+      '--config.eval.canvas_size="(640, 640)".', lock_config=True)
+  # --help would print the whole base config as the default; what is
+  # overridden is the checkpoint's own config.
+  flags.FLAGS['config'].default_as_str = "the checkpoint's config.json"
+
+
+def config_overrides() -> Dict[str, Any]:
+  """{dotted path: value} given as --config.x=y (see define_config_overrides).
+
+  Apply them with `pan_jax.defaults.override(config, ...)`.
+  """
+  return dict(config_flags.get_override_values(flags.FLAGS['config']))

@@ -31,14 +31,15 @@ import numpy as np
 import optax
 import tensorboardX
 
-from pan_jax import checkpointing
 from pan_jax import evaluate
 from pan_jax import losses
 from pan_jax import models
 from pan_jax import optim
-from pan_jax import pretrained
 from pan_jax import sharding
+from pan_jax.checkpoints import pretrained
+from pan_jax.checkpoints import workdir as workdir_lib
 from pan_jax.data import pipeline
+from pan_jax.data import records
 from pan_jax.data import sources
 
 METRICS_FILE = 'metrics.jsonl'
@@ -78,7 +79,7 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array],
-               ignore_label: int = losses.IGNORE_LABEL
+               ignore_label: int = records.IGNORE_LABEL
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a global batch.
 
@@ -150,15 +151,7 @@ def check_config(config: ml_collections.ConfigDict,
     # need another config.model.
     pretrained.check_config(pretrained.read_info(config.model.init_from),
                             config.model, config.model.init_from)
-  largest = sources.max_image_size(config.data, config.data.eval_split)
-  canvas = tuple(int(v) for v in config.eval.canvas_size)
-  if largest and (largest[0] > canvas[0] or largest[1] > canvas[1]):
-    raise ValueError(
-        f'config.eval.canvas_size={canvas} cannot hold the largest image of '
-        f'{config.data.name}/{config.data.eval_split} ({largest[0]}x'
-        f'{largest[1]}, HxW): validation pads every image to the canvas. Set '
-        f'--config.eval.canvas_size="({max(largest[0], canvas[0])}, '
-        f'{max(largest[1], canvas[1])})" or more.')
+  pipeline.check_eval_canvas(config, config.data.eval_split)
   if config.eval_every_steps < 0:
     raise ValueError('config.eval_every_steps must be >= 0 (0 = only at the '
                      f'end), got {config.eval_every_steps}.')
@@ -245,7 +238,7 @@ def _check_finite(pending: list[tuple[int, dict[str, Any]]],
            if not np.isfinite(metrics[k])}
     if bad:
       where = (f'step {last_good} in '
-               f'{os.path.join(workdir, checkpointing.CHECKPOINT_DIR)}'
+               f'{os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)}'
                if last_good is not None else 'none (no checkpoint yet)')
       raise FloatingPointError(
           f'Non-finite training values at step {step}: {bad}. The run '
@@ -341,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh = mesh if mesh is not None else sharding.make_mesh()
   meta = sources.get_meta(config.data)
   check_config(config, mesh)
-  checkpointing.check_compatible(workdir, config)
+  workdir_lib.check_compatible(workdir, config)
 
   model, init_fn, step_fn = _programs(config, mesh, meta.num_classes,
                                       meta.ignore_label)
@@ -351,10 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract_state = init_fn.trace(rng).out_info
 
   # From here on a signal means "checkpoint as soon as possible and stop".
-  stop = checkpointing.StopRequest()
+  stop = workdir_lib.StopRequest()
   manager = data_iter = writer = None
   try:
-    manager = checkpointing.create_manager(workdir, config)
+    manager = workdir_lib.create_manager(workdir, config)
     data_iter = pipeline.build_train_iter(
         config, process_index=jax.process_index(),
         process_count=jax.process_count())
@@ -368,9 +361,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
       logging.info('Resuming from the checkpoint of step %d in %s.',
                    start_step, workdir)
-      state = checkpointing.restore_state(manager, start_step, abstract_state)
-      checkpointing.restore_data_iter(manager, start_step, data_iter)
-    checkpointing.save_run_info(workdir, config, meta)
+      state = workdir_lib.restore_state(manager, start_step, abstract_state)
+      workdir_lib.restore_data_iter(manager, start_step, data_iter)
+    workdir_lib.save_run_info(workdir, config, meta)
     writer = _MetricWriter(workdir, start_step)
     return _train_loop(config, workdir, mesh, model, meta, step_fn, state,
                        start_step, data_iter, manager, writer, stop)
@@ -444,7 +437,7 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
     if stopping or step == total or manager.should_save(step):
       save_start = time.time()
       _check_finite(jax.device_get(pending), last_good, workdir)
-      checkpointing.save(manager, step, state, data_iter, force=True)
+      workdir_lib.save(manager, step, state, data_iter, force=True)
       last_good = step
       timer_start += time.time() - save_start
     if not stopping and is_time(step, config.eval_every_steps, total):

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from pan_jax import sharding
 
 NUM_CLASSES = 4
 CANVAS = (24, 20)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _examples(num, seed=0):
@@ -175,6 +179,31 @@ def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
   assert written['miou'] == report['miou']
   assert (output / 'confusion_matrix.png').exists()
   assert len(list((output / 'overlays').iterdir())) == 2
+
+
+def test_command_takes_config_overrides(tmp_path):
+  """--config.x=y on top of the checkpoint's saved config, checked fields."""
+  workdir = eval_standins.smoke_workdir()[0]
+
+  def evaluate_command(*flags):
+    return subprocess.run(
+        [sys.executable, '-m', 'pan_jax.evaluate', f'--checkpoint={workdir}',
+         f'--output={tmp_path / "out"}', *flags], cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+        text=True, timeout=600, check=False)
+
+  result = evaluate_command('--config.eval.canvas_size=(640, 640)',
+                            '--config.eval.num_overlays=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(list((tmp_path / 'out' / 'overlays').iterdir())) == 1
+  # The override is what the canvas check sees (the split has 96x96 images).
+  result = evaluate_command('--config.eval.canvas_size=(64, 64)')
+  assert result.returncode != 0
+  assert 'config.eval.canvas_size=(64, 64) cannot hold' in result.stderr
+  result = evaluate_command('--config.eval.canvass_size=(640, 640)')
+  assert result.returncode != 0
+  assert 'Did you mean "canvas_size" instead of "canvass_size"?' in (
+      result.stderr)
 
 
 def test_bench_eval_measures_the_eval_step():

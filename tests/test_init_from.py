@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from pan_jax import export
 from pan_jax import models
 from pan_jax import optim
 from pan_jax import sharding
 from pan_jax import train
+from pan_jax.checkpoints import exported
 from pan_jax.data import sources
 
 
@@ -24,7 +24,7 @@ def _export_donor(config, tmp_path):
   """A seed-1 network saved as an inference checkpoint: (state, its path)."""
   donor, meta = _fresh_state(config, seed=1)
   path = str(tmp_path / 'export')
-  export.save_inference_checkpoint(
+  exported.save(
       path, config, meta,
       {'params': donor.params, 'batch_stats': donor.batch_stats})
   return donor, path

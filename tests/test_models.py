@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from configs import smp_pan
 from configs import smoke
+from configs import smp_pan
 from pan_jax import models
 from pan_jax.models import layers
 from pan_jax.models import resnet

@@ -21,10 +21,10 @@ import jax
 import numpy as np
 import pytest
 
-from pan_jax import checkpointing
 from pan_jax import optim
 from pan_jax import sharding
 from pan_jax import train
+from pan_jax.checkpoints import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +100,7 @@ def runs(tmp_path_factory, compilation_cache):
 
   first = _Recorder(stop_at=3)
   out['stopped'] = _run(_config(), root / 'interrupted', first)
-  out['step3_variables'], _ = checkpointing.restore_variables(
+  out['step3_variables'], _ = workdir_lib.restore_variables(
       str(root / 'interrupted'), step=3)
   shutil.copytree(root / 'interrupted', root / 'to_one_device')
   second = _Recorder()
@@ -126,7 +126,7 @@ def runs(tmp_path_factory, compilation_cache):
 
 
 def _params(workdir, step=None):
-  variables, saved_step = checkpointing.restore_variables(str(workdir), step)
+  variables, saved_step = workdir_lib.restore_variables(str(workdir), step)
   return variables, saved_step
 
 
@@ -199,7 +199,7 @@ def test_workdir_contents_and_metrics(runs):
       runs['root'] / 'interrupted' / 'metrics.jsonl').read_text().splitlines()
              if 'loss' in l]
   assert resumed == [1, 2, 3, 4, 5, 6]
-  manager = checkpointing.create_manager(str(workdir), _config())
+  manager = workdir_lib.create_manager(str(workdir), _config())
   assert manager.all_steps() == [3, 6]
   manager.close()
 
@@ -218,7 +218,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   message = str(e.value)
   assert 'Non-finite training values at step 4' in message
   assert 'last good checkpoint is step 3' in message
-  variables, step = checkpointing.restore_variables(str(tmp_path))
+  variables, step = workdir_lib.restore_variables(str(tmp_path))
   assert step == 3
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
 
@@ -299,7 +299,7 @@ def test_two_processes(tmp_path):
       capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'data pipeline starts again' in result.stderr
-  assert checkpointing.restore_variables(str(tmp_path / 'one'))[1] == 3
+  assert workdir_lib.restore_variables(str(tmp_path / 'one'))[1] == 3
 
 
 def test_init_from_replaces_initial_variables(monkeypatch):

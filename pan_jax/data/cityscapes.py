@@ -76,11 +76,10 @@ def scan(source_dir: str, *, skip_bad: bool = False) -> builder.DatasetSpec:
     raise records.BadInputError(
         image_root, f'none of the split folders {", ".join(SPLITS)} found',
         skippable=False)
-  bad, splits = [], {}
-  for split in present:
-    splits[split] = _scan_split(os.path.join(image_root, split),
-                                os.path.join(label_root, split), skip_bad,
-                                bad)
+  bad = []  # _scan_split appends (path, problem) of skipped inputs.
+  splits = {split: _scan_split(os.path.join(image_root, split),
+                               os.path.join(label_root, split), skip_bad, bad)
+            for split in present}
   return builder.DatasetSpec(
       name='cityscapes', class_names=CLASS_NAMES, palette=PALETTE,
       mapping=label_mapping(), splits=splits, source_dir=source_dir, bad=bad)

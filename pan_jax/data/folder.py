@@ -64,11 +64,10 @@ def scan(source_dir: str, *, num_classes: int, ignore_label: int = 255,
   if not split_names:
     raise records.BadInputError(image_root, 'no split folders (e.g. train/, '
                                 'val/) inside', skippable=False)
-  bad, splits = [], {}
-  for split in split_names:
-    splits[split] = _scan_split(os.path.join(image_root, split),
-                                os.path.join(label_root, split), skip_bad,
-                                bad)
+  bad = []  # _scan_split appends (path, problem) of skipped inputs.
+  splits = {split: _scan_split(os.path.join(image_root, split),
+                               os.path.join(label_root, split), skip_bad, bad)
+            for split in split_names}
   return builder.DatasetSpec(
       name='folder', class_names=tuple(class_names),
       palette=voc.color_map(num_classes),

@@ -30,6 +30,7 @@ from typing import Any, Optional
 from absl import flags
 import grain
 import numpy as np
+from pan_jax.data import records
 from pan_jax.data import sources
 from pan_jax.data import transforms
 
@@ -144,15 +145,7 @@ def build_eval_iter(config, split: Optional[str] = None,
   if batch_size is None:
     batch_size = max(1, math.ceil(config.eval.batch_size / process_count))
   canvas_h, canvas_w = (int(v) for v in config.eval.canvas_size)
-  largest = sources.max_image_size(config.data, split)
-  if largest and (largest[0] > canvas_h or largest[1] > canvas_w):
-    raise ValueError(
-        f'split {split!r} of {config.data.name} has images up to '
-        f'{largest[0]}x{largest[1]} (HxW) but config.eval.canvas_size is '
-        f'{canvas_h}x{canvas_w}; the canvas must hold the whole image (also '
-        f'with eval.mode={config.eval.mode!r}: sliding windows run over the '
-        'padded canvas). Set --config.eval.canvas_size to at least '
-        f'({_round_up(largest[0], 32)}, {_round_up(largest[1], 32)})')
+  check_eval_canvas(config, split)
   source = sources.open_split(config.data, split)
   if not len(source):
     raise ValueError(f'split {split!r} of {config.data.name} is empty')
@@ -166,6 +159,24 @@ def build_eval_iter(config, split: Optional[str] = None,
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS, prefetch_buffer_size=2))
   return EvalBatches(dataset, num_batches, len(indices))
+
+
+def check_eval_canvas(config, split: str) -> None:
+  """Raises ValueError unless config.eval.canvas_size holds `split`'s images.
+
+  Uses the largest image size recorded in the dataset's metadata, so it
+  fails before anything is compiled or read (nothing when it is unknown;
+  PadToSize still checks each image).
+
+  Args:
+    config: the whole config (data.*, eval.canvas_size).
+    split: the split to be evaluated.
+  """
+  largest = sources.max_image_size(config.data, split)
+  if largest:
+    transforms.check_canvas_holds(
+        largest, config.eval.canvas_size,
+        f'the largest image of {config.data.name}/{split}')
 
 
 class _EvalExample(grain.transforms.Map):
@@ -182,7 +193,7 @@ class _EvalExample(grain.transforms.Map):
       return {
           'image': np.zeros((self._canvas_h, self._canvas_w, 3), np.float32),
           'label': np.full((self._canvas_h, self._canvas_w),
-                           transforms.IGNORE_LABEL, np.int32),
+                           records.IGNORE_LABEL, np.int32),
           'image_size': np.array([self._canvas_h, self._canvas_w], np.int32),
           'valid': np.array(False), 'index': np.array(-1, np.int32)}
     example = self._pad.map(self._normalize.map(self._source[index]))
@@ -212,7 +223,3 @@ def _process_seed(seed: int, process_index: int) -> int:
   """A 32-bit seed for (seed, process) from numpy's SeedSequence."""
   return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
              ) % (2**32 - 2)
-
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple

@@ -1,4 +1,4 @@
-"""Training workdir: Orbax checkpoints, run metadata, preemption.
+"""The training workdir: Orbax checkpoints of state + data iterator, stops.
 
 Layout of a training workdir (`--workdir=RUN`):
 
@@ -10,6 +10,7 @@ Layout of a training workdir (`--workdir=RUN`):
                                      per process
   RUN/config.json                   the run's ConfigDict (config.to_json())
   RUN/dataset.json                  the dataset's metadata (classes, palette)
+  (files.py writes and reads these two)
 
 One `ocp.CheckpointManager` saves asynchronously every
 `config.checkpoint_every_steps`, at the last step and when the run is
@@ -22,11 +23,9 @@ state is per process and grain refuses it under another process count or
 worker count: then the iterator starts afresh and the user is told.
 """
 
-import dataclasses
 import json
 import os
 import signal
-import tempfile
 from typing import Any, Optional
 
 from absl import logging
@@ -37,9 +36,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pan_jax import errors
+from pan_jax.checkpoints import files
+
 CHECKPOINT_DIR = 'checkpoints'
-CONFIG_FILE = 'config.json'
-DATASET_FILE = 'dataset.json'
 
 # Config fields that must equal the saved config's to resume a workdir: they
 # change the network's parameters or the data it learns from. Everything else
@@ -79,16 +79,11 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       enable_async_checkpointing=True,
       create=True)
   return ocp.CheckpointManager(
-      os.path.join(_absolute(workdir), CHECKPOINT_DIR),
+      os.path.join(files.absolute(workdir), CHECKPOINT_DIR),
       item_names=('state', 'data_iter'),
       item_handlers={'state': _state_handler(),
                      'data_iter': grain.checkpoint.CheckpointHandler()},
       options=options)
-
-
-def _absolute(path: str) -> str:
-  """`path` made absolute, as Orbax requires; URLs (gs://...) are kept."""
-  return path if '://' in path else os.path.abspath(path)
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -207,7 +202,7 @@ def restore_variables(workdir: str, step: Optional[int] = None
   Raises:
     FileNotFoundError: no checkpoint (at `step`) in the workdir.
   """
-  directory = os.path.join(_absolute(workdir), CHECKPOINT_DIR)
+  directory = os.path.join(files.absolute(workdir), CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
       directory, item_names=('state', 'data_iter'),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(),
@@ -216,11 +211,11 @@ def restore_variables(workdir: str, step: Optional[int] = None
   try:
     steps = manager.all_steps()
     if not steps:
-      raise FileNotFoundError(f'No checkpoint in {directory}.')
+      raise errors.MissingError(f'No checkpoint in {directory}.')
     if step is None:
       step = max(steps)
     elif step not in steps:
-      raise FileNotFoundError(
+      raise errors.MissingError(
           f'No checkpoint for step {step} in {directory}; saved steps: '
           f'{sorted(steps)}.')
     metadata = manager.item_metadata(step)['state']
@@ -237,48 +232,11 @@ def restore_variables(workdir: str, step: Optional[int] = None
   return dict(restored['state']), step
 
 
-def write_json(path: str, value: Any) -> None:
-  """Writes `value` as JSON to `path` atomically (temp file, then rename).
-
-  Only process 0 writes; other processes return at once.
-  """
-  if jax.process_index() != 0:
-    return
-  directory = os.path.dirname(path) or '.'
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
-def meta_to_json(meta: Any) -> dict[str, Any]:
-  """A dataset metadata object (dataclass, NamedTuple or dict) as JSON."""
-  if dataclasses.is_dataclass(meta):
-    value = dataclasses.asdict(meta)
-  elif hasattr(meta, '_asdict'):
-    value = meta._asdict()
-  else:
-    value = dict(meta)
-  return json.loads(json.dumps(value))  # Tuples become lists, as on reload.
-
-
 def save_run_info(workdir: str, config: ml_collections.ConfigDict,
                   meta: Any) -> None:
-  """Writes WORKDIR/config.json and WORKDIR/dataset.json (process 0)."""
-  write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
-  write_json(os.path.join(workdir, DATASET_FILE), meta_to_json(meta))
-
-
-def _flatten(value: Any, prefix: str = '') -> dict[str, Any]:
-  """{'a': {'b': 1}} -> {'a.b': 1}; lists stay leaves."""
-  if not isinstance(value, dict):
-    return {prefix: value}
-  flat = {}
-  for key, item in value.items():
-    flat.update(_flatten(item, f'{prefix}.{key}' if prefix else key))
-  return flat
+  """Writes WORKDIR/config.json and WORKDIR/dataset.json (process 0 only)."""
+  if jax.process_index() == 0:
+    files.write_config_and_meta(workdir, config, meta)
 
 
 def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -301,16 +259,15 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
       name.isdigit() for name in os.listdir(checkpoints))
   if not has_checkpoints:
     return
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = os.path.join(workdir, files.CONFIG_FILE)
   try:
-    with open(path) as f:
-      saved = _flatten(json.load(f))
-  except (OSError, json.JSONDecodeError) as e:
+    saved = files.flatten(files.read_json(path))
+  except (OSError, ValueError) as e:
     raise ValueError(
         f'{checkpoints} holds checkpoints but {path} cannot be read ({e}), so '
         'they cannot be checked against this config. Use a new --workdir, or '
         'restore config.json.') from e
-  current = _flatten(json.loads(config.to_json()))
+  current = files.flatten(json.loads(config.to_json()))
   keys = sorted(set(saved) | set(current))
   differing = [k for k in keys if saved.get(k) != current.get(k)]
   invariant = [

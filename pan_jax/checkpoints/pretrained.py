@@ -1,4 +1,4 @@
-"""Loads converted PyTorch weights (`python -m pan_jax.convert`) into a model.
+"""Converted weights (`python -m pan_jax.convert`) and loading them (init_from).
 
 A converted directory DIR holds:
 
@@ -10,8 +10,8 @@ A converted directory DIR holds:
                        'batch_stats'}: only the 'backbone' subtrees for
                        kind 'backbone', the whole network otherwise.
   DIR/config.json,     whole networks only: with variables/ these make DIR an
-  DIR/dataset.json,    inference checkpoint (pan_jax/export.py's format)
-  DIR/export.json      that `pan_jax.evaluate` and `pan_jax.predict` take as
+  DIR/dataset.json,    inference checkpoint (exported.py's format) that
+  DIR/export.json      `pan_jax.evaluate` and `pan_jax.predict` take as
                        --checkpoint.
 
 Training starts from such a directory with `--config.model.init_from=DIR`
@@ -25,18 +25,18 @@ or field and the overrides the weights need.
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from flax import traverse_util
+import ml_collections
 import numpy as np
 
-from pan_jax import export
+from pan_jax.checkpoints import exported
+from pan_jax.checkpoints import files
 
 INFO_FILE = 'pretrained.json'
-# The parts of an inference checkpoint (pan_jax/export.py).
-VARIABLES_DIR = export.VARIABLES_DIR
-CONFIG_FILE = export.CONFIG_FILE
-DATASET_FILE = export.DATASET_FILE
 KINDS = ('backbone', 'network')
 # config.model fields that decide what a backbone's weights mean. Shapes catch
 # most mismatches, but avg_down changes no shape: only this check sees it.
@@ -62,47 +62,70 @@ def read_info(path: str) -> Dict[str, Any]:
     FileNotFoundError / ValueError: neither kind of directory.
   """
   info_path = os.path.join(path, INFO_FILE)
-  config_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(info_path):
-    if os.path.isfile(config_path) and os.path.isdir(
-        os.path.join(path, VARIABLES_DIR)):
-      model = _read_json(config_path).get('model', {})
+    if exported.is_inference_checkpoint(path):
+      model = files.read_config(path).get('model', {})
       return {'kind': 'network',
               'source': {'format': 'pan_jax', 'arch': model.get('backbone')},
               'model': {k: model[k] for k in ARCH_FIELDS if k in model}}
     raise FileNotFoundError(
         f'{path} is not a converted checkpoint: {info_path} is missing '
         '(make one with `python -m pan_jax.convert`)')
-  info = _read_json(info_path)
+  info = files.read_json(info_path)
   if info.get('kind') not in KINDS:
     raise ValueError(f'{info_path}: kind must be one of {KINDS}, got '
                      f'{info.get("kind")!r}')
   return info
 
 
-def _read_json(path: str) -> Dict[str, Any]:
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path} is not valid JSON: {e}') from e
-
-
 def restore_variables(path: str) -> Dict[str, Any]:
-  """Reads DIR/variables as a nested dict of host numpy arrays."""
-  item = os.path.join(os.path.abspath(path), VARIABLES_DIR)
-  if not os.path.isdir(item):
-    raise FileNotFoundError(f'{item} is missing: {path} is not a complete '
-                            'converted checkpoint')
-  # Restored onto numpy targets: host arrays whatever the devices.
-  return _as_dict(export.restore_variables(item))
+  """Reads DIR/variables as a nested dict of host NumPy arrays."""
+  return files.read_variables(os.path.join(path, files.VARIABLES_DIR))
 
 
-def _as_dict(tree: Any) -> Any:
-  """Nested Mappings (FrozenDict, orbax trees) as plain dicts."""
-  if isinstance(tree, Mapping):
-    return {k: _as_dict(v) for k, v in tree.items()}
-  return tree
+def save(output: str, variables: Mapping[str, Any], info: Mapping[str, Any],
+         config: Optional[ml_collections.ConfigDict] = None,
+         meta: Optional[Any] = None) -> None:
+  """Writes a converted directory (see the module docstring).
+
+  A whole network (`config` given) is written as an inference checkpoint,
+  then pretrained.json is added. A backbone is written into a temporary
+  sibling directory that is renamed to `output` at the end. Either way
+  `output` appears only once its variables are complete.
+
+  Args:
+    output: the directory to create; must not exist.
+    variables: {'params', 'batch_stats'} NumPy tree.
+    info: contents of pretrained.json.
+    config: whole config (networks only).
+    meta: dataset metadata (networks only).
+
+  Raises:
+    FileExistsError: `output` exists.
+  """
+  output = os.path.abspath(output)
+  if os.path.exists(output):
+    raise FileExistsError(f'--output={output} already exists; choose a new '
+                          'directory or remove it')
+  if config is not None:
+    exported.save(output, config, meta, dict(variables),
+                  source=info['source']['file'])
+    # Added last; without it the directory is still a valid inference
+    # checkpoint, which read_info also understands.
+    files.write_json(os.path.join(output, INFO_FILE), dict(info))
+    return
+  parent = os.path.dirname(output)
+  os.makedirs(parent, exist_ok=True)
+  temporary = tempfile.mkdtemp(prefix=os.path.basename(output) + '.tmp',
+                               dir=parent)
+  try:
+    files.save_variables(os.path.join(temporary, files.VARIABLES_DIR),
+                         variables)
+    files.write_json(os.path.join(temporary, INFO_FILE), dict(info))
+    os.rename(temporary, output)
+  except BaseException:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise
 
 
 def required_overrides(info: Mapping[str, Any]) -> str:
@@ -137,12 +160,13 @@ def check_config(info: Mapping[str, Any], model_config: Any,
     raise ValueError(
         f'{path} holds {_describe_source(info)}, which this config cannot '
         f'load: {"; ".join(wrong)}. Use {required_overrides(info)}.')
-  config_path = os.path.join(path, CONFIG_FILE)
+  config_path = os.path.join(path, files.CONFIG_FILE)
   if info['kind'] != 'network' or not os.path.isfile(config_path):
     return []
-  saved = _flatten(_read_json(config_path).get('model', {}), 'model')
+  saved = files.flatten(files.read_json(config_path).get('model', {}),
+                        'model')
   # Through JSON, so that tuples and lists compare equal.
-  current = _flatten(json.loads(model_config.to_json()), 'model')
+  current = files.flatten(json.loads(model_config.to_json()), 'model')
   differing = [k for k in sorted(set(saved) | set(current))
                if saved.get(k) != current.get(k)]
   free = [k for k in differing if k.split('.')[1] in NETWORK_FREE_FIELDS]
@@ -155,16 +179,6 @@ def check_config(info: Mapping[str, Any], model_config: Any,
         '(for converted smp models: --config=configs/smp_pan.py:BACKBONE).')
   return [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in free
           if k != 'model.init_from']
-
-
-def _flatten(value: Any, prefix: str) -> Dict[str, Any]:
-  """{'a': {'b': 1}} -> {'prefix.a.b': 1}; lists stay leaves."""
-  if not isinstance(value, dict):
-    return {prefix: value}
-  flat = {}
-  for key, item in value.items():
-    flat.update(_flatten(item, f'{prefix}.{key}'))
-  return flat
 
 
 def _describe_source(info: Mapping[str, Any]) -> str:
@@ -205,7 +219,7 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
   info = read_info(path)
   changed = check_config(info, config.model, path) if config is not None else []
   loaded = restore_variables(path)
-  target = traverse_util.flatten_dict(_as_dict(variables))
+  target = traverse_util.flatten_dict(files.as_dict(variables))
   source = traverse_util.flatten_dict(loaded)
   if info['kind'] == 'backbone':
     covered = [k for k in target if len(k) > 1 and k[1] == 'backbone']

@@ -1,0 +1,73 @@
+"""Every checkpoint directory pan_jax writes or reads, and one `load`.
+
+  workdir.py     a training workdir: Orbax CheckpointManager of the train
+                 state + grain iterator, resume, compatibility, stop requests
+  exported.py    an inference checkpoint (`python -m pan_jax.export`)
+  pretrained.py  converted PyTorch weights (`python -m pan_jax.convert`),
+                 loaded by `config.model.init_from`
+  files.py       what they share: file names, atomic JSON, config and
+                 dataset metadata, variables as an Orbax item
+
+`load(path, step)` gives the variables of a training workdir, an inference
+checkpoint or a converted whole network alike, which is why evaluate,
+predict and export take any of them as --checkpoint.
+"""
+
+import os
+from typing import Any, Dict, NamedTuple, Optional
+
+import ml_collections
+
+from pan_jax import errors
+from pan_jax.checkpoints import exported
+from pan_jax.checkpoints import files
+from pan_jax.checkpoints import pretrained
+from pan_jax.checkpoints import workdir
+from pan_jax.data import sources
+
+
+class Checkpoint(NamedTuple):
+  """What `load` returns (unpacks as config, meta, variables, step)."""
+  config: ml_collections.ConfigDict
+  meta: sources.DatasetMeta
+  # {'params', 'batch_stats'} as nested dicts of NumPy arrays.
+  variables: Dict[str, Any]
+  # The training step, None when an inference checkpoint does not record it.
+  step: Optional[int]
+
+
+def load(path: str, step: Optional[int] = None) -> Checkpoint:
+  """Reads a training workdir, an inference checkpoint or a converted network.
+
+  Args:
+    path: a training workdir (config.json, dataset.json, checkpoints/), an
+      inference checkpoint (config.json, dataset.json, variables/), or a
+      converted whole network (an inference checkpoint plus pretrained.json).
+    step: for a workdir, the step to read (None = the latest); an inference
+      checkpoint holds one step and rejects a different one.
+
+  Returns:
+    A Checkpoint (config, meta, variables, step).
+
+  Raises:
+    FileNotFoundError: `path` is none of these, or lacks a file (named).
+    ValueError: `step` does not match the inference checkpoint's.
+  """
+  if not os.path.isdir(path):
+    raise errors.MissingError(
+        f'checkpoint directory {path!r} does not exist')
+  if exported.is_inference_checkpoint(path):
+    return Checkpoint(*exported.read(path, step))
+  if os.path.isfile(os.path.join(path, pretrained.INFO_FILE)):
+    raise errors.MissingError(
+        f'{path} holds converted {pretrained.read_info(path)["kind"]} weights, '
+        'not a whole network: train from it with '
+        f'--config.model.init_from={path}')
+  config = files.read_config(path)
+  meta = files.read_meta(path)
+  if not os.path.isdir(os.path.join(path, workdir.CHECKPOINT_DIR)):
+    raise errors.MissingError(
+        f'{path} is neither a training workdir (no {workdir.CHECKPOINT_DIR}/) '
+        f'nor an inference checkpoint (no {files.VARIABLES_DIR}/)')
+  variables, step = workdir.restore_variables(path, step)
+  return Checkpoint(config, meta, files.as_dict(variables), step)

@@ -1,0 +1,185 @@
+"""Reads PyTorch weight files: .pth/.pt through torch, .safetensors with NumPy.
+
+A raw state dict and the usual wrappers ({'state_dict': ...} from mmseg/mmcv
+and timm's trainer, {'model': ...} from torchvision's references) are
+accepted, and DataParallel's 'module.' prefix is stripped. torch is needed
+only for .pth files, and never runs pickled code (`weights_only=True`).
+"""
+
+import json
+import os
+import struct
+from typing import Any, Dict, Mapping, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from pan_jax import errors
+
+# safetensors dtype -> numpy dtype.
+SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
+    'BF16': jnp.bfloat16, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
+    'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+}
+
+# Entries of a checkpoint dict that hold the state dict, in order of
+# preference (mmcv/mmseg and timm's trainer: 'state_dict'; torchvision's
+# reference scripts: 'model').
+WRAPPER_KEYS = ('state_dict', 'model', 'model_state_dict', 'net')
+
+class ConversionError(errors.UserError, ValueError):
+  """A file that cannot be converted; the message names the key or field."""
+
+
+def read_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], str]:
+  """Reads a PyTorch state dict from .pth/.pt (torch) or .safetensors (numpy).
+
+  Args:
+    path: the file.
+
+  Returns:
+    (state, note): key -> numpy array (floating tensors as float32, others
+    as stored), and a phrase saying how the file was unwrapped.
+
+  Raises:
+    ConversionError: unreadable, corrupted, or not a state dict.
+  """
+  if not os.path.isfile(path):
+    raise ConversionError(f'--input={path}: no such file')
+  if path.endswith('.safetensors'):
+    state, note = read_safetensors(path), 'safetensors file'
+  elif path.endswith(('.pth', '.pt', '.bin', '.ckpt')):
+    state, note = _read_torch(path)
+  else:
+    raise ConversionError(
+        f'--input={path}: unknown file type; expected .pth, .pt (PyTorch) or '
+        '.safetensors')
+  if state and all(k.startswith('module.') for k in state):
+    state = {k[len('module.'):]: v for k, v in state.items()}
+    note += ", 'module.' prefix stripped"
+  return state, note
+
+
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """Parses a .safetensors file with numpy (no torch, no safetensors package).
+
+  The format: an 8-byte little-endian header length N, N bytes of JSON
+  ({name: {dtype, shape, data_offsets}, '__metadata__': ...}), then the
+  tensors' bytes.
+
+  Args:
+    path: the file.
+
+  Returns:
+    name -> array (floating point as float32).
+
+  Raises:
+    ConversionError: a truncated or malformed file, naming the tensor.
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  if len(data) < 8:
+    raise ConversionError(f'{path}: not a safetensors file ({len(data)} bytes)')
+  (header_size,) = struct.unpack('<Q', data[:8])
+  if 8 + header_size > len(data):
+    raise ConversionError(
+        f'{path}: truncated or not a safetensors file (its header claims '
+        f'{header_size} bytes, the file has {len(data)} in all)')
+  try:
+    header = json.loads(data[8:8 + header_size])
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConversionError(f'{path}: unreadable safetensors header: {e}') from e
+  if not isinstance(header, dict):
+    raise ConversionError(f'{path}: the safetensors header is not a mapping')
+  body = memoryview(data)[8 + header_size:]
+  state = {}
+  for name, entry in header.items():
+    if name == '__metadata__':
+      continue
+    try:
+      dtype = np.dtype(SAFETENSORS_DTYPES[entry['dtype']])
+      shape = tuple(int(d) for d in entry['shape'])
+      begin, end = (int(o) for o in entry['data_offsets'])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConversionError(
+          f'{path}: tensor {name!r} has a malformed header entry {entry!r}'
+          ) from e
+    want = int(np.prod(shape)) * dtype.itemsize
+    if not 0 <= begin <= end:
+      raise ConversionError(
+          f'{path}: tensor {name!r} has invalid data offsets {begin}..{end}: '
+          'the file is corrupted')
+    if end > len(body):
+      raise ConversionError(
+          f'{path}: tensor {name!r} (shape {shape}) lies at bytes '
+          f'{begin}..{end} of the data, but the file has only {len(body)}: '
+          'the file is truncated')
+    if end - begin != want:
+      raise ConversionError(
+          f'{path}: tensor {name!r} has {end - begin} bytes for shape {shape} '
+          f'{entry["dtype"]} ({want} expected): the file is corrupted')
+    array = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
+    state[name] = _to_numpy_dtype(array)
+  return state
+
+
+def _to_numpy_dtype(array: np.ndarray) -> np.ndarray:
+  """A writable copy; floating point (incl. bfloat16) as float32."""
+  if np.issubdtype(array.dtype, np.floating) or array.dtype == jnp.bfloat16:
+    return np.array(array, np.float32)
+  return np.array(array)
+
+
+def _read_torch(path: str) -> Tuple[Dict[str, np.ndarray], str]:
+  """torch.load(weights_only=True) and unwrapping."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError(
+        f'reading {path} needs PyTorch (pip install -r '
+        'requirements-torch.txt), or convert it to .safetensors elsewhere'
+        ) from e
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    # weights_only refuses pickled code (UnpicklingError); a truncated or
+    # corrupted zip archive raises RuntimeError. Either way, say which file.
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+      hint = (' The file pickles Python objects besides tensors; re-save '
+              'only the weights: torch.save(model.state_dict(), FILE).')
+    else:
+      hint = ' The file is truncated or corrupted.'
+    raise ConversionError(
+        f'{path}: torch.load(weights_only=True) failed: {detail}.{hint}'
+        ) from e
+  obj, note = _unwrap(obj, path, torch)
+  state = {}
+  for key, tensor in obj.items():
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point():
+      tensor = tensor.to(torch.float32)
+    state[key] = tensor.numpy().copy()
+  return state, note
+
+
+def _unwrap(obj: Any, path: str, torch: Any) -> Tuple[Dict[str, Any], str]:
+  """Finds the state dict in what torch.load returned."""
+  if not isinstance(obj, Mapping):
+    raise ConversionError(
+        f'{path} holds a {type(obj).__name__}, not a state dict (a mapping '
+        'of names to tensors)')
+  if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    return dict(obj), 'plain state dict'
+  for key in WRAPPER_KEYS:
+    inner = obj.get(key)
+    if isinstance(inner, Mapping) and inner and all(
+        isinstance(v, torch.Tensor) for v in inner.values()):
+      others = sorted(str(k) for k in obj if k != key)
+      rest = f' (ignored: {", ".join(others)})' if others else ''
+      return dict(inner), f'state dict in the {key!r} entry{rest}'
+  raise ConversionError(
+      f'{path} holds a dict with keys {sorted(map(str, obj))[:10]} but no '
+      f'state dict: expected a mapping of names to tensors, or one under '
+      f'{" / ".join(map(repr, WRAPPER_KEYS))}')
