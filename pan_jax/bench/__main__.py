@@ -15,6 +15,7 @@ What each mode measures: pan_jax/bench/__init__.py. Examples:
 All flags: python -m pan_jax.bench --helpfull.
 """
 
+import functools
 import json
 import os
 import re
@@ -190,9 +191,10 @@ def _train_or_infer(mode: str, env: Dict[str, str]) -> List[dict]:
         encoder=FLAGS.config.model.backbone, batch=batch, size=FLAGS.size,
         classes=FLAGS.classes, warmup=warmup, iters=iters,
         threads=FLAGS.threads)
-    peer = lambda: harness.run_child(peer_command, env, peer_dir)
+    peer = functools.partial(harness.run_child, peer_command, env, peer_dir)
   return harness.side_by_side(
-      mode, lambda: harness.run_child(command, env), peer, FLAGS.rounds)
+      mode, functools.partial(harness.run_child, command, env), peer,
+      FLAGS.rounds)
 
 
 def _data() -> List[dict]:
