@@ -7,7 +7,8 @@ in floor mode and a one-channel pyramid, decoder width 32, convs with biases
 before BN, GAU gate BN + sigmoid, bilinear resizes with align_corners=True,
 final 3x3 conv then x4 upsampling). This is the configuration for weights
 converted from smp (`python -m pan_jax.convert --format=smp`) and for the
-speed comparison with smp (`python -m pan_jax.bench --peer`). Variant:
+speed comparison with smp (`python -m pan_jax.bench train --peer
+--peer_dir=../shared/peer`). Variant:
 `--config=configs/smp_pan.py:resnet18` etc.
 """
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import smoke
 import eval_standins
 from pan_jax import evaluate
 from pan_jax import inference
@@ -208,11 +209,11 @@ def test_command_takes_config_overrides(tmp_path):
 
 def test_bench_eval_measures_the_eval_step():
   # pylint: disable=g-import-not-at-top
-  from pan_jax import bench_eval
+  from pan_jax.bench import eval as eval_bench
   # pylint: enable=g-import-not-at-top
-  options = bench_eval._parse([  # pylint: disable=protected-access
-      '--eval_config=configs/smoke.py', '--canvas=32', '--image_size=30,20',
-      '--batches=1', '--warmup=0', '--classes=3'])
-  row = bench_eval.measure(options, 'single')
+  row = eval_bench.measure(
+      smoke.get_config(), 'single', config_name='configs/smoke.py',
+      canvas=32, image_size=(30, 20), batch=0, iters=1, warmup=0, classes=3,
+      dtype='float32', scales=eval_bench.MULTI_SCALES)
   assert row['images_per_s'] > 0 and row['batch'] == 8  # 8 fake devices
   assert row['scales'] == [1.0] and row['image_size'] == [30, 20]
