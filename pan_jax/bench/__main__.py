@@ -101,7 +101,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('log_every', 10,
                        'loop: steps per logged (timed) interval.')
   flags.DEFINE_boolean(
-      'cpu_tuning', True, 'Measure with runtime.CPU_ENV (XLA CPU flags, '
+      'cpu_tuning', True, 'Measure with runtime.cpu_env() (XLA CPU flags, '
       "glibc huge pages); false: XLA's CPU defaults.")
   flags.DEFINE_string('json', None, 'Append the records (JSON lines) here.')
   flags.DEFINE_boolean('one', False, 'Internal: measure train, infer or one '
