@@ -435,6 +435,11 @@ def main(argv: Sequence[str]) -> None:
       config_overrides=runtime.config_overrides())
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-evaluate (= python -m pan_jax.evaluate)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -31,7 +31,7 @@ needs jax and orbax only, not pan_jax:
     with open('EXPORT/model.stablehlo', 'rb') as f:
       exported = jax.export.deserialize(bytearray(f.read()))
     variables = ocp.StandardCheckpointer().restore('/abs/EXPORT/variables')
-    logits = exported.call(variables, images)   # images [b, H, W, 3]
+    logits = exported.call(variables, images)  # images [b, H, W, 3]
 """
 
 import os
@@ -302,6 +302,11 @@ def main(argv: Sequence[str]) -> None:
         file=sys.stdout)
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-export (= python -m pan_jax.export)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -390,6 +390,11 @@ def main(argv: Sequence[str]) -> int:
              config_overrides=runtime.config_overrides())
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-predict (= python -m pan_jax.predict)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -195,6 +195,8 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   Args:
     main: the command's main(argv); its return value is the exit status.
   """
+  _lend_help_to_console_script(main)
+
   def start_then_main(argv):
     start()
     try:
@@ -205,6 +207,27 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
       print(f'{_command_name()}: error: {e}', file=sys.stderr, flush=True)
       return e.exit_code
   app.run(start_then_main)
+
+
+def _lend_help_to_console_script(main: Callable[..., Any]) -> None:
+  """Makes --help of a console script (pan-jax-evaluate) that of its module.
+
+  absl's --help prints the docstring of the __main__ module and the flags
+  key to sys.argv[0]; under a console script __main__ is a generated
+  wrapper, so the command module's docstring and key flags are lent to it.
+  Under `python -m` the command is __main__ and nothing changes.
+
+  Args:
+    main: the command's main (its module is the command's).
+  """
+  module = sys.modules.get(getattr(main, '__module__', '__main__'))
+  wrapper = sys.modules['__main__']
+  if module is None or module is wrapper:
+    return
+  if not wrapper.__doc__:
+    wrapper.__doc__ = module.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def _command_name() -> str:

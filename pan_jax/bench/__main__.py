@@ -288,6 +288,11 @@ def main(argv: Sequence[str]) -> None:
     _append_json(FLAGS.json, [dict(r, time=time.time()) for r in records])
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-bench (= python -m pan_jax.bench)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()
