@@ -22,9 +22,10 @@ run() {
 }
 
 if [ "${1:-}" = "--setup" ]; then
-  # Installs the project and the TPU build of jax on every worker.
+  # Installs the project and the TPU build of jax (the tpu extra, at the
+  # tested versions) on every worker.
   run "${gcloud[@]}" --command "cd $remote_dir && launch/setup_env.sh && \
-.venv/bin/pip install -q 'jax[tpu]'"
+.venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
   exit 0
 fi
 if [ $# -lt 2 ]; then
