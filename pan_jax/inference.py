@@ -54,6 +54,7 @@ from typing import Callable, Tuple
 import jax
 import jax.numpy as jnp
 
+from pan_jax import errors
 from pan_jax.models import layers
 
 # apply_fn(images [B, H, W, 3] float32, image_sizes [B, 2] int32)
@@ -96,11 +97,12 @@ class InferenceOptions:
     if self.mode not in MODES:
       raise ValueError(f'eval mode {self.mode!r} is not one of {MODES}')
     if self.padding not in PADDINGS:
-      raise ValueError(f'config.eval.padding={self.padding!r} is not one of '
-                       f'{PADDINGS}')
+      raise errors.ConfigError(
+          f'config.eval.padding={self.padding!r} is not one of '
+          f'{", ".join(PADDINGS)}')
     if self.size_divisor < 1:
-      raise ValueError('config.eval.size_divisor must be >= 1, got '
-                       f'{self.size_divisor}')
+      raise errors.ConfigError('config.eval.size_divisor must be >= 1, got '
+                               f'{self.size_divisor}')
     if not self.scales or any(s <= 0 for s in self.scales):
       raise ValueError(f'eval scales must be positive, got {self.scales}')
     if len(self.window_size) != 2 or min(self.window_size) < 1:

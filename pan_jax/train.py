@@ -147,7 +147,6 @@ def check_config(config: ml_collections.ConfigDict,
     if config[field] <= 0:
       raise ValueError(f'config.{field} must be positive, got '
                        f'{config[field]}.')
-  check_init_from(config)
   if config.model.init_from:
     # Fails now, not after compiling, on a missing directory or weights that
     # need another config.model.
@@ -359,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # is the same on 1 device or 256.
   jax.config.update('jax_threefry_partitionable', True)
   mesh = mesh if mesh is not None else sharding.make_mesh()
+  check_init_from(config)  # Before the dataset: the first thing to fix.
   meta = sources.get_meta(config.data)
   check_config(config, mesh)
   workdir_lib.check_compatible(workdir, config)
