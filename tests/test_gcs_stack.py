@@ -12,7 +12,6 @@ Needs requirements-gcs.txt; skipped without it (see gcs_server.py).
 """
 
 import base64
-import gc
 import os
 import shutil
 import struct
@@ -98,6 +97,31 @@ def test_epath_file_operations(gcs_bucket, timer):
   with timer('rmtree'):
     root.rmtree()
   assert not root.exists()
+
+
+def test_append_mode_overwrites(gcs_bucket):
+  """GCS objects cannot be appended to: gcsfs turns 'a' into 'w' with only a
+  warning, so an appended log (metrics.jsonl) would keep its last line."""
+  path = epath.Path(gcs_bucket) / 'metrics.jsonl'
+  path.write_text('{"step": 1}\n')
+  with pytest.warns(UserWarning, match='Append mode'):
+    with path.open('a') as f:
+      f.write('{"step": 2}\n')
+  assert path.read_text() == '{"step": 2}\n'
+
+
+def test_pil_writes_through_an_open_file_only(gcs_bucket):
+  """PIL takes a gs:// path for a local one; an epath file object works."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+  path = epath.Path(gcs_bucket) / 'out' / 'x.png'
+  with pytest.raises(FileNotFoundError):
+    image.save(path)
+  with path.open('wb') as f:
+    image.save(f, format='PNG')
+  with path.open('rb') as f:
+    np.testing.assert_array_equal(np.asarray(Image.open(f)),
+                                  np.asarray(image))
 
 
 def test_epath_resolve_is_not_for_urls():
@@ -255,18 +279,21 @@ def _read_events(data):
 
 
 def test_tensorboardx_writes_events(gcs_bucket, timer):
-  import tensorboardX  # pylint: disable=g-import-not-at-top
   logdir = f'{gcs_bucket}/run/tensorboard'
-  with timer('SummaryWriter, 5 scalars each flushed, close'):
-    writer = tensorboardX.SummaryWriter(logdir, purge_step=1)
-    for step in range(1, 6):
-      writer.add_scalar('train/loss', 1.0 / step, step)
-      writer.flush()  # Each flush uploads the whole file again.
-    writer.close()
-    # tensorboardX's GCS writer uploads the file once more when it is
-    # garbage collected: let that happen while the server is up.
-    del writer
-    gc.collect()
+  # In a subprocess: tensorboardX keeps every writer alive until exit (an
+  # atexit hook), and its GCS file uploads itself once more when collected
+  # at exit -- that must happen while the server is up (against a server
+  # that is gone it retries for 120 s).
+  script = '\n'.join([
+      'import sys, tensorboardX',
+      'writer = tensorboardX.SummaryWriter(sys.argv[1], purge_step=1)',
+      'for step in range(1, 6):',
+      '  writer.add_scalar("train/loss", 1.0 / step, step)',
+      '  writer.flush()  # Each flush uploads the whole file again.',
+      'writer.close()'])
+  with timer('subprocess: SummaryWriter, 5 scalars each flushed, exit'):
+    subprocess.run([sys.executable, '-c', script, logdir], check=True,
+                   timeout=300)
   files = list(epath.Path(logdir).iterdir())
   assert len(files) == 1 and files[0].name.startswith('events.out.tfevents.')
   scalars = [(e.step, v.simple_value) for e in _read_events(
