@@ -21,8 +21,9 @@ init_from takes stage 1's workdir (its latest checkpoint; an export of
 another step works too): its params and BatchNorm statistics are loaded,
 the step and the optimiser state start from zero, the lr schedule restarts.
 The paper gives no numbers for this stage: lr 1e-3 and 10k steps are this
-repository's choices. Validation is off during it (val is part of trainval,
-so its score is not a held-out number). Then write the server files:
+repository's choices. Validation runs only once, at the end, and its val
+score is NOT a held-out number (val is part of trainval). Then write the
+server files:
 
   python -m pan_jax.evaluate --checkpoint=runs/voc_trainval --split=test \
       --scales=0.5,0.75,1.0,1.25,1.5,1.75 --flip --format=voc_test
@@ -42,6 +43,7 @@ FINETUNE = {
     'data.train_split': 'trainval',
     'total_steps': 10_000,
     'optim.learning_rate': 1e-3,
+    # Only the end-of-training validation (val is inside trainval).
     'eval_every_steps': 0,
 }
 
