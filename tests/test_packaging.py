@@ -92,7 +92,7 @@ def test_metadata_agrees():
   with open(os.path.join(REPO, 'LICENSE')) as f:
     assert 'Apache License' in f.read(200)
   for name in ('requirements.txt', 'requirements-test.txt',
-               'requirements-torch.txt'):
+               'requirements-torch.txt', 'requirements-gcs.txt'):
     with open(os.path.join(REPO, name)) as f:
       lines = [l for l in f.read().splitlines() if not l.startswith('#')]
     # Thin wrappers: the package (its pyproject extras) under the lock.
