@@ -14,7 +14,9 @@ float32 logits [b, H, W, K]), the ImageNet normalisation inside, and b, H
 and W all symbolic: any batch and any H, W >= models.min_input_size(config)
 (H and W need not be multiples of anything; each new shape is compiled once
 by the caller's jax). Its ids are those of `predict.Predictor` with
-single-scale whole-image inference (tested on several sizes).
+single-scale whole-image inference and eval.padding 'exact' (the network
+sees each image at its own size; tested on several sizes), whatever the
+checkpoint's config.eval says.
 
 Without --serving, the artefact is `jax.export` of
 
@@ -274,6 +276,10 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
   if stablehlo:
     model = models.create_model(config, meta.num_classes)
     if serving:
+      if config.eval.padding != 'exact':
+        logging.warning('The serving artefact sees each image at its own '
+                        "size (padding 'exact'), not config.eval.padding=%r",
+                        config.eval.padding)
       min_size = models.min_input_size(config)
       exported = export_serving(model, variables, min_size, platforms,
                                 logits=serving_logits)
