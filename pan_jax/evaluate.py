@@ -48,6 +48,7 @@ from pan_jax import runtime
 from pan_jax import sharding
 from pan_jax import visualize
 from pan_jax.data import pipeline
+from pan_jax.data import sources
 from pan_jax.data import transforms
 from pan_jax.models import layers
 
@@ -218,7 +219,8 @@ def _evaluate_split(model, variables, config, meta, mesh, split, options,
                     progress, num_samples):
   """evaluate_dataset, also returning overlay samples."""
   if options is None:
-    options = inference.InferenceOptions.from_config(config.eval)
+    options = inference.InferenceOptions.from_config(
+        config.eval, min_size=models.min_input_size(config))
   batch_size = global_batch_size(config.eval.batch_size, mesh)
   batches = pipeline.build_eval_iter(
       config, split=split, batch_size=batch_size // jax.process_count(),
@@ -398,9 +400,14 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
   if batch_size:
     config.eval.batch_size = batch_size
   options = inference.InferenceOptions.from_config(
-      config.eval, mode=mode, scales=scales, flip=flip)
+      config.eval, mode=mode, scales=scales, flip=flip,
+      min_size=models.min_input_size(config))
   config.eval.mode = options.mode  # The pipeline's canvas check reads it.
   split = split or config.data.eval_split
+  # Scores count class ids: they must mean the same classes in both.
+  sources.check_classes(
+      meta, sources.get_meta(config.data), f'checkpoint {checkpoint}',
+      f'dataset {config.data.name} in {config.data.data_dir}')
   if num_overlays is None:
     num_overlays = config.eval.num_overlays
   output = output or os.path.join(checkpoint, f'eval_{split}')
