@@ -26,6 +26,10 @@ below keep that property through every transformation they add:
   The number of windows is the canvas's (static); windows beyond a smaller
   image's own grid have zero weight. When one window covers the image, slide
   is whole-image inference on a window-sized canvas.
+* minimum size: an input smaller than `options.min_size` on a side (a canvas
+  at scale 0.5, a small window) is padded up to it before the model sees
+  it, and the padding is cut off its output; so any scale works on any
+  image, and where the input is large enough nothing changes.
 
 Scores are softmax probabilities averaged over every (scale, flip) pair, all
 at the image's size, as in MMSegmentation's aug_test and the paper's
