@@ -16,7 +16,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # Reinstall only when the requirement files changed since the last install.
 stamp="$venv/.pan_jax_requirements"
-want="$root/requirements.txt $root/requirements-test.txt"
+# requirements-gcs.txt: gs:// support and the local GCS server of the tests.
+want="$root/requirements.txt $root/requirements-gcs.txt $root/requirements-test.txt"
 if [ "${1:-}" = "--torch" ]; then want="$want $root/requirements-torch.txt"; fi
 sum=$(cat $want | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || ! grep -qx "$sum" "$stamp"; then

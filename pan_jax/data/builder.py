@@ -55,6 +55,8 @@ class DatasetSpec:
     build_args: the options it was made with besides source_dir (e.g.
       num_classes), kept in the metadata so that prepare can tell a rerun
       from a build of something else.
+    unlabeled_splits: splits whose images have no ground truth (benchmark
+      test splits; their labels are all 255); kept in the metadata.
   """
   name: str
   class_names: tuple[str, ...]
@@ -65,6 +67,7 @@ class DatasetSpec:
   notes: list[str] = dataclasses.field(default_factory=list)
   bad: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   build_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  unlabeled_splits: tuple[str, ...] = ()
 
 
 def built_dir(data_dir: str, name: str) -> Optional[str]:
@@ -111,6 +114,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
         # before it starts.
         max_image_size={},
         skipped=[],
+        # Splits without ground truth: evaluation writes predictions only.
+        unlabeled_splits=list(spec.unlabeled_splits),
     )
     return tfds.core.DatasetInfo(
         builder=self,
