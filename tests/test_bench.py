@@ -68,7 +68,7 @@ def test_peer_side_by_side(tmp_path):
 
 def test_peer_needs_peer_dir():
   result = _run_bench('infer', '--peer')
-  assert result.returncode == 1
+  assert result.returncode == 2  # A usage error, like every bad flag.
   assert '--peer needs --peer_dir=DIR' in result.stderr
   assert '[infer]' not in result.stdout  # Nothing was measured.
 
