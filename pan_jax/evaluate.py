@@ -44,6 +44,7 @@ from pan_jax import defaults
 from pan_jax import inference
 from pan_jax import metrics
 from pan_jax import models
+from pan_jax import paths
 from pan_jax import runtime
 from pan_jax import sharding
 from pan_jax import visualize
@@ -321,13 +322,12 @@ def format_table(result: Dict[str, Any], class_names: Sequence[str]) -> str:
 def write_outputs(output: str, result: Dict[str, Any], meta: Any,
                   samples: Sequence[Dict[str, Any]],
                   extra: Dict[str, Any]) -> None:
-  """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png."""
-  os.makedirs(output, exist_ok=True)
+  """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png.
+
+  OUT may be local or gs://; each file is written atomically.
+  """
   text = json.dumps(report(result, meta, **extra), indent=2)
-  temporary = os.path.join(output, f'.{REPORT_FILE}.tmp')
-  with open(temporary, 'w') as f:
-    f.write(text + '\n')
-  os.replace(temporary, os.path.join(output, REPORT_FILE))
+  paths.write_bytes(os.path.join(output, REPORT_FILE), (text + '\n').encode())
   visualize.save_png(
       os.path.join(output, CONFUSION_FILE),
       visualize.confusion_image(result['confusion_matrix'], meta.class_names))
@@ -412,7 +412,7 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
   result, samples = _evaluate_split(model, variables, config, meta, mesh,
                                     split, options, progress=progress,
                                     num_samples=num_overlays)
-  extra = {'checkpoint': os.path.abspath(checkpoint), 'step': step,
+  extra = {'checkpoint': paths.absolute(checkpoint), 'step': step,
            'dataset': config.data.name, 'split': split,
            'mode': options.mode, 'scales': list(options.scales),
            'flip': options.flip}

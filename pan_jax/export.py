@@ -42,6 +42,7 @@ import numpy as np
 from pan_jax import checkpoints
 from pan_jax import defaults
 from pan_jax import models
+from pan_jax import paths
 from pan_jax import runtime
 from pan_jax.checkpoints import files
 from pan_jax.data import transforms
@@ -83,16 +84,15 @@ def export_stablehlo(model: Any, variables: Dict[str, Any],
 
 def load_stablehlo(path: str) -> jax.export.Exported:
   """Deserializes EXPORT/model.stablehlo (or the file `path`)."""
-  if os.path.isdir(path):
+  if paths.isdir(path):
     path = os.path.join(path, STABLEHLO_FILE)
-  with open(path, 'rb') as f:
-    return jax.export.deserialize(bytearray(f.read()))
+  return jax.export.deserialize(bytearray(paths.read_bytes(path)))
 
 
 def write_stablehlo(path: str, exported: jax.export.Exported,
                     config: ml_collections.ConfigDict, meta: Any) -> None:
   """Writes model.stablehlo and its description model.json into `path`."""
-  files.write_bytes(os.path.join(path, STABLEHLO_FILE), exported.serialize())
+  paths.write_bytes(os.path.join(path, STABLEHLO_FILE), exported.serialize())
   height, width = exported.in_avals[-1].shape[1:3]
   files.write_json(os.path.join(path, STABLEHLO_INFO_FILE), {
       'call': 'exported.call(variables, images) -> logits',
@@ -142,9 +142,9 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
   """
   config, meta, variables, step = checkpoints.load(checkpoint, step)
   defaults.override(config, config_overrides or {})
-  output = os.path.abspath(output)
+  output = paths.absolute(output)
   checkpoints.exported.save(output, config, meta, variables, step=step,
-                            source=os.path.abspath(checkpoint))
+                            source=paths.absolute(checkpoint))
   logging.info('Wrote the inference checkpoint (step %s) to %s', step, output)
   if stablehlo:
     model = models.create_model(config, meta.num_classes)
@@ -165,7 +165,7 @@ def main(argv: Sequence[str]) -> None:
   step = run(flag_values.checkpoint, flag_values.output, flag_values.step,
              flag_values.platforms, flag_values.stablehlo,
              config_overrides=runtime.config_overrides())
-  print(f'exported step {step} to {os.path.abspath(flag_values.output)}',
+  print(f'exported step {step} to {paths.absolute(flag_values.output)}',
         file=sys.stdout)
 
 

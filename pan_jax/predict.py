@@ -35,6 +35,7 @@ from pan_jax import checkpoints
 from pan_jax import defaults
 from pan_jax import inference
 from pan_jax import models
+from pan_jax import paths as paths_lib
 from pan_jax import runtime
 from pan_jax import visualize
 from pan_jax.data import transforms
@@ -120,7 +121,8 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
   """Expands directories into their image files.
 
   Args:
-    paths: files (taken whatever their extension) and directories.
+    paths: files (taken whatever their extension) and directories, local or
+      gs://.
 
   Returns:
     (files, errors): files in the given order (each directory's sorted), and
@@ -128,16 +130,16 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
   """
   files, errors = [], []
   for path in paths:
-    if os.path.isdir(path):
-      found = sorted(
-          os.path.join(path, name) for name in os.listdir(path)
+    if paths_lib.isdir(path):
+      found = [
+          os.path.join(path, name) for name in paths_lib.listdir(path)
           if name.lower().endswith(IMAGE_EXTENSIONS) and
-          os.path.isfile(os.path.join(path, name)))
+          paths_lib.isfile(os.path.join(path, name))]
       if not found:
         errors.append(f'{path}: directory holds no image files '
                       f'({", ".join(IMAGE_EXTENSIONS)})')
       files.extend(found)
-    elif os.path.exists(path):
+    elif paths_lib.exists(path):
       files.append(path)
     else:
       errors.append(f'{path}: no such file or directory')
@@ -147,7 +149,7 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
 def read_image(path: str) -> np.ndarray:
   """uint8 RGB [H, W, 3]; raises ValueError naming the file if unreadable."""
   try:
-    with Image.open(path) as image:
+    with paths_lib.open_file(path) as f, Image.open(f) as image:
       return np.asarray(image.convert('RGB'))
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f'{path}: cannot read it as an image ({e})') from e
@@ -160,7 +162,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
   Args:
     predictor: a Predictor.
     paths: image files and directories.
-    output: output directory (created).
+    output: output directory (local or gs://).
     meta: DatasetMeta (palette, ignore_label).
     progress: log each file.
 
@@ -168,7 +170,6 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
     One message per path that failed (empty when all succeeded).
   """
   files, errors = find_images(paths)
-  os.makedirs(output, exist_ok=True)
   stems = {}
   for path in files:
     stem = os.path.splitext(os.path.basename(path))[0]

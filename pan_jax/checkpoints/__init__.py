@@ -19,6 +19,7 @@ from typing import Any, Dict, NamedTuple, Optional
 import ml_collections
 
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax.checkpoints import exported
 from pan_jax.checkpoints import files
 from pan_jax.checkpoints import pretrained
@@ -53,19 +54,19 @@ def load(path: str, step: Optional[int] = None) -> Checkpoint:
     FileNotFoundError: `path` is none of these, or lacks a file (named).
     ValueError: `step` does not match the inference checkpoint's.
   """
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise errors.MissingError(
         f'checkpoint directory {path!r} does not exist')
   if exported.is_inference_checkpoint(path):
     return Checkpoint(*exported.read(path, step))
-  if os.path.isfile(os.path.join(path, pretrained.INFO_FILE)):
+  if paths.isfile(os.path.join(path, pretrained.INFO_FILE)):
     raise errors.MissingError(
         f'{path} holds converted {pretrained.read_info(path)["kind"]} weights, '
         'not a whole network: train from it with '
         f'--config.model.init_from={path}')
   config = files.read_config(path)
   meta = files.read_meta(path)
-  if not os.path.isdir(os.path.join(path, workdir.CHECKPOINT_DIR)):
+  if not paths.isdir(os.path.join(path, workdir.CHECKPOINT_DIR)):
     raise errors.MissingError(
         f'{path} is neither a training workdir (no {workdir.CHECKPOINT_DIR}/) '
         f'nor an inference checkpoint (no {files.VARIABLES_DIR}/)')
