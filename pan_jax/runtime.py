@@ -20,7 +20,15 @@ every host of a TPU pod slice:
   VMs, SLURM, MPI) configure themselves; elsewhere set
   JAX_COORDINATOR_ADDRESS, PAN_JAX_NUM_PROCESSES and PAN_JAX_PROCESS_ID on
   every process. It is never called otherwise: it fails on a single host
-  that is not a TPU.
+  that is not a TPU. A process that dies (kill -9, a lost host) stops
+  beating; after PAN_JAX_HEARTBEAT_TIMEOUT seconds (default 20; jax's own is
+  100) the coordinator declares it dead and every other process exits with
+  an error naming it, instead of waiting in a collective for ever.
+  PAN_JAX_SHUTDOWN_TIMEOUT (default 60) bounds the wait for the others at
+  exit, PAN_JAX_INIT_TIMEOUT (default 300) the wait for them at start.
+* Logging with several processes: every line carries `[process i/n]`, and
+  processes other than 0 log warnings and errors only (metrics, progress
+  and reports come from process 0) unless --verbosity is given.
 * Random bits do not depend on how arrays are sharded
   (`jax_threefry_partitionable`), so initialisation is the same on 1 device
   or 256.
@@ -32,7 +40,7 @@ import importlib.util
 import logging as py_logging
 import os
 import sys
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -73,6 +81,14 @@ def set_cpu_flags() -> None:
   os.environ['XLA_FLAGS'] = (flags + ' ' + CPU_XLA_FLAGS).strip()
 
 
+# jax.distributed.initialize's timeouts (seconds): (argument, variable that
+# overrides it, default).
+DISTRIBUTED_TIMEOUTS = (
+    ('heartbeat_timeout_seconds', 'PAN_JAX_HEARTBEAT_TIMEOUT', 20),
+    ('shutdown_timeout_seconds', 'PAN_JAX_SHUTDOWN_TIMEOUT', 60),
+    ('initialization_timeout', 'PAN_JAX_INIT_TIMEOUT', 300))
+
+
 def _not_orbax_info(record: py_logging.LogRecord) -> bool:
   return record.levelno >= py_logging.WARNING or '/orbax/' not in (
       record.pathname)
@@ -84,15 +100,61 @@ def start() -> None:
     set_cpu_flags()
   logging.get_absl_logger().addFilter(_not_orbax_info)
   if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
-    env = {k: int(os.environ[v]) for k, v in (
-        ('num_processes', 'PAN_JAX_NUM_PROCESSES'),
-        ('process_id', 'PAN_JAX_PROCESS_ID')) if v in os.environ}
-    jax.distributed.initialize(**env)
+    jax.distributed.initialize(**distributed_arguments(os.environ))
   jax.config.update('jax_threefry_partitionable', True)
   logging.info('process %d/%d, %d local / %d global devices (%s); XLA_FLAGS=%r',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend(), os.environ.get('XLA_FLAGS', ''))
+  if jax.process_count() > 1:
+    logging.get_absl_handler().setFormatter(
+        _ProcessFormatter(jax.process_index(), jax.process_count()))
+    if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> Dict[str, int]:
+  """jax.distributed.initialize's arguments from the environment.
+
+  Args:
+    environ: the environment (os.environ).
+
+  Returns:
+    num_processes / process_id where PAN_JAX_NUM_PROCESSES /
+    PAN_JAX_PROCESS_ID are set (cluster environments detect them), and the
+    timeouts of DISTRIBUTED_TIMEOUTS.
+
+  Raises:
+    errors.UsageError: a variable is not a positive integer (the process id
+      may be 0).
+  """
+  arguments = {}
+  names = [('num_processes', 'PAN_JAX_NUM_PROCESSES', None),
+           ('process_id', 'PAN_JAX_PROCESS_ID', None),
+           *DISTRIBUTED_TIMEOUTS]
+  for argument, variable, default in names:
+    value = environ.get(variable)
+    if value is None:
+      if default is not None:
+        arguments[argument] = default
+      continue
+    minimum = 0 if argument == 'process_id' else 1
+    if not value.isdigit() or int(value) < minimum:
+      raise errors.UsageError(
+          f'{variable}={value!r}: expected an integer >= {minimum}')
+    arguments[argument] = int(value)
+  return arguments
+
+
+class _ProcessFormatter(logging.PythonFormatter):
+  """absl's log lines with '[process i/n] ' before each message."""
+
+  def __init__(self, index: int, count: int):
+    super().__init__()
+    self._tag = f'[process {index}/{count}] '
+
+  def formatMessage(self, record: py_logging.LogRecord) -> str:  # pylint: disable=invalid-name
+    return self._tag + super().formatMessage(record)
 
 
 def run(main: Callable[[Sequence[str]], Any]) -> None:
@@ -107,8 +169,8 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
     main: the command's main(argv); its return value is the exit status.
   """
   def start_then_main(argv):
-    start()
     try:
+      start()
       return main(argv)
     except errors.UserError as e:
       if os.environ.get('PAN_JAX_TRACEBACK') == '1':
