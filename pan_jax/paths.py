@@ -16,22 +16,28 @@ What GCS does differently, and how it is handled here:
 * gcsfs caches listings: a file another process wrote after this one listed
   its directory is invisible (even to exists()) until the cache is dropped.
   `exists`, `isdir`, `isfile` and `listdir` drop it for their path first.
+* Reading many small records over the network is slow: `mirror` keeps a
+  verified local copy of a remote directory (a dataset), once per host.
 * There is no append: a log is rewritten whole (see train.py's writer).
 * epath's resolve() turns gs://b/x into /cwd/gs:/b/x: `absolute` leaves
   URLs alone.
 """
 
 import base64
+import fcntl
+import json
 import os
 import shutil
 import tempfile
-from typing import Dict, IO, List, Union
+from typing import Dict, IO, List, Optional, Union
 
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
 # Bytes per read when checksumming a local file.
 _CHUNK = 1 << 20
+# In a local copy of a remote directory: the listing it was checked against.
+_MANIFEST = '.pan_jax_copy.json'
 
 
 def is_url(path: PathLike) -> bool:
@@ -164,7 +170,8 @@ def upload_tree(local_dir: str, url: str, marker: str) -> None:
   Every other file is uploaded and checked against the local file (size and
   CRC32C as GCS reports them) before the marker is uploaded; readers treat
   url as absent until the marker is there, so an interrupted upload is
-  never read, and redoing it overwrites what it left.
+  never read, and redoing it overwrites what it left. local_dir is then
+  recorded as a current copy of url (see `mirror`).
 
   Args:
     local_dir: a local directory holding `marker`.
@@ -175,7 +182,7 @@ def upload_tree(local_dir: str, url: str, marker: str) -> None:
     OSError: an object does not match its local file after the upload.
   """
   fs = epath.backend.fsspec_backend.fs(url)
-  names = _local_files(local_dir)
+  names = [n for n in _local_files(local_dir) if n != _MANIFEST]
   if marker not in names:
     raise FileNotFoundError(f'{local_dir} has no {marker} to commit with')
   body = [name for name in names if name != marker]
@@ -184,65 +191,91 @@ def upload_tree(local_dir: str, url: str, marker: str) -> None:
     fs.put_file(os.path.join(local_dir, name), f'{url}/{name}')
   listing = remote_listing(url)
   for name in body:
-    local = os.path.join(local_dir, name)
-    info = listing.get(name)
-    if (info is None or int(info['size']) != os.path.getsize(local) or
-        info['crc32c'] != crc32c(local)):
-      raise OSError(f'{url}/{name} does not match {local} after the upload '
-                    '(size or CRC32C); run the command again')
+    if not _matches(os.path.join(local_dir, name), listing.get(name)):
+      raise OSError(f'{url}/{name} does not match {local_dir}/{name} after '
+                    'the upload (size or CRC32C); run the command again')
   fs.put_file(os.path.join(local_dir, marker), f'{url}/{marker}')
+  _write_manifest(local_dir, remote_listing(url))
 
 
-def download_tree(url: str, local_dir: str, marker: str) -> bool:
-  """Makes local_dir a verified copy of url (committed by url/marker).
+def mirror(url: str, local_dir: str, marker: str) -> bool:
+  """Makes local_dir a current, verified copy of url (committed by marker).
 
-  Safe when several processes of a host do it at once: each downloads into
-  its own temporary sibling, checks every file's size and CRC32C against
-  GCS's, and renames it into place; the first rename wins and the others
-  discard their copy. A local_dir that holds the marker is kept as it is
-  (callers check it is current, see data/builder.py).
+  The copy records GCS's listing (sizes, CRC32C) it was checked against; it
+  is kept while that listing is unchanged and its files have their sizes,
+  and replaced otherwise (e.g. the dataset was rebuilt). Processes of one
+  host that call this at once take turns (a lock file beside local_dir):
+  the first copies, the others find the copy current. A copy is made in a
+  temporary sibling, each file checked against its object's size and CRC32C,
+  and renamed into place, so a killed copy leaves no half directory.
 
   Args:
     url: a committed remote directory (gs://...).
-    local_dir: the local copy to make.
+    local_dir: the local copy.
     marker: the commit file, relative to url.
 
   Returns:
-    True if this call made the copy, False if local_dir was there already.
+    True if this call copied, False if local_dir was current.
 
   Raises:
     FileNotFoundError: url/marker is missing (nothing committed there).
     OSError: a downloaded file does not match its object.
   """
-  if os.path.exists(os.path.join(local_dir, marker)):
-    return False
   fs = epath.backend.fsspec_backend.fs(url)
   url = url.rstrip('/')
-  listing = remote_listing(url)
-  if marker not in listing:
-    raise FileNotFoundError(f'{url}/{marker} is missing: {url} is not a '
-                            'complete upload')
-  parent = os.path.dirname(os.path.abspath(local_dir))
+  local_dir = os.path.abspath(local_dir)
+  parent, base = os.path.split(local_dir)
   os.makedirs(parent, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.incomplete.', dir=parent)
-  try:
-    for name, info in listing.items():
-      local = os.path.join(temporary, name)
-      os.makedirs(os.path.dirname(local), exist_ok=True)
-      fs.get_file(f'{url}/{name}', local)
-      if (os.path.getsize(local) != int(info['size']) or
-          crc32c(local) != info['crc32c']):
-        raise OSError(f'{url}/{name}: the downloaded copy does not match '
-                      'the size or CRC32C GCS reports; run the command again')
+  with open(os.path.join(parent, f'.{base}.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released by the kernel if we die.
+    for entry in os.listdir(parent):  # What killed copies left.
+      if entry.startswith(f'.{base}.incomplete.'):
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    listing = remote_listing(url)
+    if marker not in listing:
+      raise FileNotFoundError(f'{url}/{marker} is missing: {url} is not a '
+                              'complete upload')
+    if _is_copy(local_dir, listing):
+      return False
+    temporary = tempfile.mkdtemp(prefix=f'.{base}.incomplete.', dir=parent)
     try:
+      for name, info in listing.items():
+        local = os.path.join(temporary, name)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fs.get_file(f'{url}/{name}', local)
+        if not _matches(local, info):
+          raise OSError(f'{url}/{name}: the downloaded copy does not match '
+                        'the size or CRC32C GCS reports; run it again')
+      _write_manifest(temporary, listing)
+      if os.path.exists(local_dir):
+        shutil.rmtree(local_dir)  # Out of date.
       os.rename(temporary, local_dir)
-    except OSError:
-      if not os.path.exists(os.path.join(local_dir, marker)):
-        raise
-      return False  # Another process finished first.
-    return True
-  finally:
-    shutil.rmtree(temporary, ignore_errors=True)
+      return True
+    finally:
+      shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _matches(local: str, info: Optional[Dict[str, str]]) -> bool:
+  """Whether local file `local` has the size and CRC32C of listing `info`."""
+  return (info is not None and os.path.getsize(local) == int(info['size']) and
+          crc32c(local) == info['crc32c'])
+
+
+def _write_manifest(local_dir: str, listing: Dict[str, Dict[str, str]]):
+  with open(os.path.join(local_dir, _MANIFEST), 'w') as f:
+    json.dump(listing, f, indent=1, sort_keys=True)
+
+
+def _is_copy(local_dir: str, listing: Dict[str, Dict[str, str]]) -> bool:
+  """Whether local_dir was copied from `listing` and still has its sizes."""
+  try:
+    with open(os.path.join(local_dir, _MANIFEST)) as f:
+      if json.load(f) != listing:
+        return False
+    return all(os.path.getsize(os.path.join(local_dir, name)) ==
+               int(info['size']) for name, info in listing.items())
+  except (OSError, ValueError):
+    return False
 
 
 def cache_path(cache_dir: str, url: str) -> str:

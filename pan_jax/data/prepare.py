@@ -12,7 +12,10 @@ r"""Builds a dataset for pan_jax from local files (nothing is downloaded).
 Writes the tfds dataset DATA/<dataset>/1.0.0 in array_record (read with
 config.data.name=<dataset> and config.data.data_dir=DATA). Running it again is
 a no-op. The build is atomic: an interrupted run leaves only a temporary
-folder that the next run removes. A bad input stops the build with an error
+folder that the next run removes. DATA may be gs://BUCKET/dir: the dataset is
+built in --cache_dir (array_record writes local files only) and uploaded,
+verified, with dataset_info.json last, so that readers see it only once it
+is complete; run it on one host. SRC is a local directory. A bad input stops the build with an error
 naming the file and what was expected; --skip_bad skips such examples and
 lists them at the end. See voc.py, cityscapes.py, folder.py and synthetic.py
 for the expected source layouts.
@@ -24,6 +27,8 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+from pan_jax import defaults
+from pan_jax import paths
 from pan_jax import runtime
 from pan_jax.data import builder
 from pan_jax.data import cityscapes
@@ -39,7 +44,8 @@ DATASETS = ('voc2012_aug', 'cityscapes', 'folder', 'synthetic')
 def prepare(dataset: str, source_dir: str, data_dir: str, *,
             skip_bad: bool = False, num_workers: int = 0, num_classes=None,
             ignore_label: int = 255, class_names=None, seed: int = 0,
-            num_train: int = 2000, num_val: int = 300):
+            num_train: int = 2000, num_val: int = 300,
+            cache_dir: str = defaults.get_config().data.cache_dir):
   """Builds `dataset` (the library form of the command line).
 
   Args:
@@ -50,6 +56,7 @@ def prepare(dataset: str, source_dir: str, data_dir: str, *,
     num_workers: processes reading the source files.
     num_classes, ignore_label, class_names: 'folder' only.
     seed, num_train, num_val: 'synthetic' only.
+    cache_dir: where a dataset for a gs:// data_dir is built first.
 
   Returns:
     (dataset directory, [(path, problem) skipped], [notes for the user],
@@ -88,7 +95,7 @@ def prepare(dataset: str, source_dir: str, data_dir: str, *,
     raise ValueError(f'unknown dataset {dataset!r}; expected one of '
                      f'{", ".join(DATASETS)}')
   path, skipped = builder.build(spec, data_dir, skip_bad=skip_bad,
-                                num_workers=num_workers)
+                                num_workers=num_workers, cache_dir=cache_dir)
   return path, skipped, spec.notes, False
 
 
@@ -96,9 +103,9 @@ def _parse_class_names(value):
   """'a,b,c' or a file with one name per line -> list, or None."""
   if not value:
     return None
-  if os.path.isfile(value):
-    with open(value) as f:
-      return [line.strip() for line in f if line.strip()]
+  if paths.isfile(value):
+    return [line.strip() for line in paths.read_text(value).splitlines()
+            if line.strip()]
   return [name.strip() for name in value.split(',')]
 
 
@@ -117,7 +124,8 @@ def main(argv):
         num_classes=flag_values.num_classes,
         ignore_label=flag_values.ignore_label,
         class_names=flag_values.class_names, seed=flag_values.seed,
-        num_train=flag_values.num_train, num_val=flag_values.num_val)
+        num_train=flag_values.num_train, num_val=flag_values.num_val,
+        cache_dir=flag_values.cache_dir)
   except (records.BadInputError, ValueError) as e:
     hint = ''
     if getattr(e, 'skippable', False) and not flag_values.skip_bad:
@@ -147,7 +155,11 @@ def _define_flags() -> None:
       'where they are generated if absent).')
   flags.DEFINE_string(
       'data_dir', 'data', 'tfds data_dir the dataset is written to '
-      '(config.data.data_dir).')
+      '(config.data.data_dir), local or gs://.')
+  flags.DEFINE_string(
+      'cache_dir', defaults.get_config().data.cache_dir,
+      'For a gs:// --data_dir: the local directory it is built in first '
+      '(config.data.cache_dir).')
   flags.DEFINE_integer(
       'num_classes', None, 'folder: number of classes (ids 0..num_classes-1).')
   flags.DEFINE_integer(
