@@ -40,12 +40,14 @@ import importlib.util
 import logging as py_logging
 import os
 import sys
+import traceback
 from typing import Any, Callable, Dict, Mapping, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax._src import distributed as jax_distributed
 from ml_collections import config_flags
 
 from pan_jax import defaults
@@ -163,7 +165,10 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   A `pan_jax.errors.UserError` is printed as one line, `pan_jax.<command>:
   error: <message>`, and the process exits with its exit_code (1, or 2 for
   usage errors); PAN_JAX_TRACEBACK=1 raises it instead. Other exceptions
-  keep their traceback.
+  keep their traceback. With several processes, an exception caused by a
+  lost process (a collective whose peer died) is followed by a line naming
+  the lost processes, and this one exits with status 1 at once instead of
+  waiting for them at shutdown.
 
   Args:
     main: the command's main(argv); its return value is the exit status.
@@ -177,7 +182,43 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
         raise
       print(f'{_command_name()}: error: {e}', file=sys.stderr, flush=True)
       return e.exit_code
+    except Exception:  # pylint: disable=broad-except
+      lost = lost_processes()
+      if not lost:
+        raise
+      traceback.print_exc()
+      print(f'{_command_name()}: error: {lost}; process '
+            f'{jax.process_index()}/{jax.process_count()} stops too. Restart '
+            'the command on every host: training resumes from its last '
+            'checkpoint.', file=sys.stderr, flush=True)
+      os._exit(1)  # pylint: disable=protected-access  (no shutdown barrier)
   app.run(start_then_main)
+
+
+def lost_processes() -> str:
+  """Which processes of this distributed run are gone, in words ('' if none).
+
+  Asks the coordinator which processes still send heartbeats; if the
+  coordinator itself cannot be reached, process 0 (which runs it) is lost.
+  """
+  if jax.process_count() <= 1:
+    return ''
+  # jax has no public API for this; the client is jax.distributed's own.
+  client = jax_distributed.global_state.client
+  if client is None:
+    return ''
+  count = jax.process_count()
+  try:
+    live = client.get_live_nodes(list(range(count)))
+  except Exception:  # pylint: disable=broad-except
+    return ('lost the coordinator, process 0 (it cannot be reached: killed, '
+            'or its host is gone?)')
+  lost = [i for i in range(count) if i not in live]
+  if not lost:
+    return ''
+  names = ', '.join(str(i) for i in lost)
+  return (f'lost process{"es" if len(lost) > 1 else ""} {names} of {count} '
+          '(no heartbeat: killed, or its host is gone?)')
 
 
 def _command_name() -> str:
