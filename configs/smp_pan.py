@@ -9,7 +9,9 @@ final 3x3 conv then x4 upsampling). This is the configuration for weights
 converted from smp (`python -m pan_jax.convert --format=smp`) and for the
 speed comparison with smp (`python -m pan_jax.bench train --peer
 --peer_dir=../shared/peer`). Variant:
-`--config=configs/smp_pan.py:resnet18` etc.
+`--config=configs/smp_pan.py:resnet18` etc. Training with it needs
+--config.model.init_from (converted smp weights, or torchvision ImageNet
+weights for its 7x7 stem), as every VOC recipe does.
 """
 
 from configs import voc

@@ -85,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Biases in the centre-block and decoder convs besides their BatchNorm
   # (smp has them; redundant before BN, so off by default).
   model.head_conv_bias = False
-  # Kernel size of the classifier conv (1 in the paper; smp uses 3).
+  # Kernel size of the classifier conv. The paper does not say; 1 is the
+  # FCN/DeepLab convention, smp uses 3.
   model.classifier_kernel = 1
   # BatchNorm on 1x1 pooled vectors (FPA global branch, GAU context, SE). smp
   # uses it; its batch statistics come from one vector per image, so it is
@@ -99,9 +100,18 @@ def get_config() -> ml_collections.ConfigDict:
   # momentum) * batch; PyTorch's 0.1 is 0.9 here) and epsilon.
   model.bn_momentum = 0.9
   model.bn_epsilon = 1e-5
-  # Directory of a converted checkpoint (python -m pan_jax.convert) to start
-  # from: an ImageNet backbone, or a whole network. '' = random initialisation.
+  # Weights to start from: a converted checkpoint (python -m pan_jax.convert;
+  # an ImageNet backbone or a whole network), an inference checkpoint
+  # (python -m pan_jax.export) or a training workdir (its latest step; the
+  # second, trainval stage of configs/voc.py:finetune). Only params and batch
+  # statistics are taken: the step and the optimiser start afresh.
+  # '' = random initialisation.
   model.init_from = ''
+  # Refuse to train without init_from. The paper's recipes (configs/voc.py,
+  # cityscapes.py, ablation.py) set it: they start from ImageNet weights, and
+  # from random weights they cannot reach the paper's numbers. Give
+  # --config.model.require_init_from=False to train from scratch anyway.
+  model.require_init_from = False
 
   # Feature Pyramid Attention (used when model.center == 'fpa').
   model.fpa = fpa = ml_collections.ConfigDict()
@@ -110,11 +120,19 @@ def get_config() -> ml_collections.ConfigDict:
   fpa.attention = 'pyramid'
   # Downsampling in the pyramid: 'avg' (the paper's choice) or 'max' (smp).
   fpa.pooling = 'avg'
-  # Kernel sizes of the three pyramid levels, finest first: (7, 5, 3) or
-  # (3, 3, 3).
+  # Kernel sizes of the three pyramid levels, FINEST LEVEL FIRST (the level
+  # pooled once from c5, 16x16 at a 512x512 input, then 8x8, then 4x4). This
+  # order is the switch for the paper's ambiguity: Fig. 3 puts the 7x7 conv on
+  # the 16x16 level, i.e. (7, 5, 3), the default and smp's; the text's "3x3,
+  # 5x5, 7x7 ... respectively" read in level order is (3, 5, 7). Table 1's
+  # C333 is (3, 3, 3). Any three odd sizes work.
   fpa.kernels = (7, 5, 3)
-  # Channels inside the pyramid. The paper is silent: smp uses 1 (a spatial
-  # attention map broadcast over channels); 0 means decoder_channels.
+  # Channels inside the pyramid (the paper is silent). 0 = decoder_channels;
+  # 1 = one spatial attention map broadcast over the channels (smp); any other
+  # N = N channels, brought back to decoder_channels by a 1x1 ConvBN before
+  # the multiplication, e.g. decoder_channels // 4 (64 at 256) for "C/4". The
+  # first pyramid conv (7x7 on c5's 2048 channels) dominates the parameter
+  # count: 25.7M at 256 channels, 6.4M at 64, 0.1M at 1 (README).
   fpa.pyramid_channels = 0
   # Pyramid pooling keeps an odd last row/column (ceil mode): every input
   # size works. False is PyTorch's floor mode (smp); c5 then needs >= 8x8.
@@ -185,6 +203,18 @@ def get_config() -> ml_collections.ConfigDict:
   # softmax probabilities are averaged at the image's size.
   ev.scales = (1.0,)
   ev.flip = False
+  # What the network sees around an image (see pan_jax/inference.py).
+  # 'exact': it is told each image's valid size and ignores the padding, so
+  # the prediction is that of the image alone. 'divisor': every network input
+  # is padded bottom/right to a multiple of eval.size_divisor with the
+  # training pad value (the mean colour) and the network sees that padding, as
+  # MMSegmentation's size_divisor and smp users do. 'crop': padded to at least
+  # eval.window_size first (the training crop in the recipes), as the
+  # PSPNet and DeepLab evaluation code do. report.json records the choice;
+  # the protocols can differ by several mIoU points for the same weights.
+  ev.padding = 'exact'
+  # The multiple of eval.padding='divisor' / 'crop' (MMSegmentation: 32).
+  ev.size_divisor = 32
   # Prediction overlays written by evaluation.
   ev.num_overlays = 4
 
@@ -203,9 +233,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.momentum = 0.9
   # L2 weight decay (added to the gradient, as torch.optim.SGD does).
   optim.weight_decay = 1e-4
-  # Whether BatchNorm scales/biases and conv biases are decayed too. True is
-  # the paper's and mmseg's default (plain SGD decays every parameter); False
-  # is the common modern choice.
+  # Whether BatchNorm scales/biases and conv biases are decayed too. The
+  # paper does not say; True is what plain torch.optim.SGD and MMSegmentation's
+  # default do (every parameter decayed); False is the common modern choice.
   optim.decay_norm_and_bias = True
 
   return config

@@ -62,9 +62,9 @@ def decay_mask(params: Any, decay_norm_and_bias: bool) -> Any:
 
   Args:
     params: the model's parameter tree.
-    decay_norm_and_bias: if True every parameter is decayed (plain SGD, the
-      paper and mmseg); if False leaves named 'bias' or 'scale' (BatchNorm
-      scales/biases and conv biases) are not.
+    decay_norm_and_bias: if True every parameter is decayed (plain
+      torch.optim.SGD, mmseg's default); if False leaves named 'bias' or
+      'scale' (BatchNorm scales/biases and conv biases) are not.
 
   Returns:
     A tree of bools with the structure of `params`.

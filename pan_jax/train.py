@@ -34,6 +34,7 @@ import numpy as np
 import optax
 import tensorboardX
 
+from pan_jax import errors
 from pan_jax import evaluate
 from pan_jax import losses
 from pan_jax import models
@@ -161,6 +162,31 @@ def check_config(config: ml_collections.ConfigDict,
   if config.eval_every_steps < 0:
     raise ValueError('config.eval_every_steps must be >= 0 (0 = only at the '
                      f'end), got {config.eval_every_steps}.')
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """Refuses a recipe that needs pretrained weights but was given none.
+
+  The paper's recipes (configs/voc.py, cityscapes.py, ablation.py) set
+  config.model.require_init_from: they start from ImageNet weights, and a
+  30k-step run from random weights cannot reach the paper's numbers, so it
+  is stopped before anything is compiled rather than after hours.
+
+  Args:
+    config: the run's configuration.
+
+  Raises:
+    errors.ConfigError: require_init_from is set and init_from is empty.
+  """
+  if config.model.require_init_from and not config.model.init_from:
+    raise errors.ConfigError(
+        'this recipe starts from pretrained weights '
+        '(config.model.require_init_from=True) but config.model.init_from '
+        'is empty. Give --config.model.init_from=DIR: ImageNet ResNet '
+        'weights converted with `python -m pan_jax.convert` (README '
+        '"Pretrained weights"), or, for configs/voc.py:finetune, the '
+        'train_aug run\'s workdir. To train from random initialisation '
+        'anyway, give --config.model.require_init_from=False.')
 
 
 def validate(model: Any, state: TrainState, config: ml_collections.ConfigDict,
@@ -368,6 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # is the same on 1 device or 256.
   jax.config.update('jax_threefry_partitionable', True)
   mesh = mesh if mesh is not None else sharding.make_mesh()
+  check_init_from(config)  # Before the dataset: the first thing to fix.
   meta = sources.get_meta(config.data)
   check_config(config, mesh)
   workdir_lib.check_compatible(workdir, config)

@@ -12,6 +12,7 @@ import numpy as np
 
 from configs import smoke
 import eval_standins
+from pan_jax import errors
 from pan_jax import evaluate
 from pan_jax import inference
 from pan_jax import metrics
@@ -175,11 +176,56 @@ def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
   assert np.abs(confusion - expected).sum() <= 2e-3 * expected.sum()
   assert report['step'] == 4 and report['scales'] == [1.0]
   assert report['flip'] is False and report['mode'] == 'whole'
+  # The padding protocol is recorded (the model was told each valid size).
+  assert report['padding'] == 'exact' and report['labeled'] is True
   assert set(report['per_class_iou']) == set(meta.class_names)
   written = json.loads((output / 'report.json').read_text())
   assert written['miou'] == report['miou']
   assert (output / 'confusion_matrix.png').exists()
   assert len(list((output / 'overlays').iterdir())) == 2
+
+
+def test_table5_protocols_in_one_call(tmp_path):
+  """--protocols=table5: single scale, multi-scale, multi-scale + flip."""
+  workdir = eval_standins.smoke_workdir()[0]
+  output = tmp_path / 'table5'
+  result = evaluate.run(workdir, output=str(output), protocols=['table5'],
+                        num_overlays=0, batch_size=8, progress=False)
+  reports = result['protocols']
+  assert list(reports) == ['ss', 'ms', 'ms_flip']
+  assert (reports['ss']['scales'], reports['ss']['flip']) == ([1.0], False)
+  assert reports['ms']['scales'] == list(evaluate.MULTI_SCALES)
+  assert not reports['ms']['flip'] and reports['ms_flip']['flip']
+  rows = json.loads((output / evaluate.PROTOCOLS_FILE).read_text())
+  assert [r['protocol'] for r in rows['protocols']] == ['ss', 'ms', 'ms_flip']
+  for name, report in reports.items():
+    written = json.loads((output / name / 'report.json').read_text())
+    assert written['protocol'] == name
+    assert written['miou'] == report['miou']
+    assert written['num_images'] == 10
+  # The single-scale row is the plain evaluation's number.
+  plain = evaluate.run(workdir, output=str(tmp_path / 'plain'),
+                       num_overlays=0, batch_size=8, progress=False)
+  assert reports['ss']['confusion_matrix'] == plain['confusion_matrix']
+  table = evaluate.format_protocols(reports)
+  assert table.splitlines()[3].startswith('ms_flip')
+
+
+def test_protocols_exclude_scales_flip_and_format():
+  for extra in ({'scales': [1.0]}, {'flip': True},
+                {'output_format': 'voc_test'}):
+    try:
+      evaluate.run('/nonexistent', protocols=['ss'], **extra)
+    except errors.UsageError as e:
+      assert '--protocols' in str(e)
+    else:
+      raise AssertionError(f'{extra} accepted')
+  try:
+    evaluate.protocol_runs(['ss', 'tabel5'])
+  except errors.UsageError as e:
+    assert 'tabel5' in str(e) and 'table5' in str(e)
+  assert [n for n, _, _ in evaluate.protocol_runs(['ms', 'table5'])] == [
+      'ms', 'ss', 'ms_flip']
 
 
 def test_command_takes_config_overrides(tmp_path):

@@ -276,3 +276,38 @@ def test_adaptive_pool_matches_torch():
     ref = torch.nn.functional.adaptive_avg_pool2d(
         torch.from_numpy(x).permute(0, 3, 1, 2), bins).permute(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize('width,expand', [(0, False), (1, False), (8, False),
+                                          (3, True)])
+def test_fpa_pyramid_takes_any_width(width, expand):
+  """0 = decoder width, 1 = smp's map, any other N is expanded back by 1x1."""
+  config = tiny_config(**{'fpa.pyramid_channels': width})
+  params = init_shapes(config, 3, size=64)['params']['center']
+  channels = config.model.decoder_channels
+  assert params['down1']['conv']['kernel'].shape[-1] == (width or channels)
+  assert ('expand' in params) == expand
+  if expand:
+    assert params['expand']['conv']['kernel'].shape == (1, 1, width,
+                                                        channels)
+  forward = models.create_model(config, 3)
+  images = jnp.ones((1, 64, 64, 3))
+  logits = forward.apply(forward.init(jax.random.key(0), images), images)
+  assert logits.shape == (1, 64, 64, 3)
+
+
+def test_fpa_expanded_pyramid_ignores_padding():
+  _padded_vs_exact(tiny_config(**{'fpa.pyramid_channels': 3}),
+                   sizes=[(96, 112), (65, 97)])
+
+
+def test_fpa_kernel_order_is_finest_level_first():
+  params = init_shapes(tiny_config(**{'fpa.kernels': (3, 5, 7)}), 3,
+                       size=64)['params']['center']
+  assert [params[f'down{i}']['conv']['kernel'].shape[0]
+          for i in (1, 2, 3)] == [3, 5, 7]
+
+
+def test_fpa_negative_width_is_an_error():
+  with pytest.raises(ValueError, match='pyramid_channels'):
+    init_shapes(tiny_config(**{'fpa.pyramid_channels': -2}), 3, size=64)

@@ -67,3 +67,36 @@ def test_gpu_dry_runs():
   out = _dry_run('gpu_slurm.sh', 'configs/voc.py', '/shared/run', NODES='4')
   assert out.startswith('sbatch ') and '--nodes=4' in out
   assert 'PAN_JAX_DISTRIBUTED=1' in out and '--signal=TERM@120' in out
+
+
+def test_sweep_of_one_paper_table_names_each_run_after_its_row():
+  commands = sweep.commands('configs/ablation.py', '/runs/ablation',
+                            extra=('--config.model.init_from=/w',), table=3,
+                            evaluate=True)
+  assert len(commands) == 8  # Train + evaluate for each of the 4 rows.
+  assert commands[0][1:] == [
+      '-m', 'pan_jax.main', '--config=configs/ablation.py:t1_baseline',
+      '--workdir=/runs/ablation/t1_baseline', '--config.model.init_from=/w']
+  assert commands[1][1:] == ['-m', 'pan_jax.evaluate',
+                             '--checkpoint=/runs/ablation/t1_baseline']
+  assert [c[3] for c in commands[::2]] == [
+      f'--config=configs/ablation.py:{row}' for row in
+      ('t1_baseline', 't3_skip_3x3', 't3_gau_1x1', 't3_gau_3x3')]
+  every = sweep.commands('configs/ablation.py', '/r')
+  assert len(every) == 15  # Each network of Tables 1-3 once (10 + 2 + 3).
+  try:
+    sweep.commands('configs/demo.py', '/r', table=1)
+  except ValueError as e:
+    assert 'takes no table' in str(e)
+  else:
+    raise AssertionError('demo.py accepted --table')
+
+
+def test_sweep_cli_table_flag():
+  out = subprocess.run(
+      [sys.executable, 'launch/sweep.py', 'configs/ablation.py', '--table=2',
+       '--workdir_base=/tmp/a'], cwd=REPO, capture_output=True, text=True,
+      check=True).stdout.splitlines()
+  assert [line.split('--config=')[1].split()[0] for line in out] == [
+      'configs/ablation.py:t2_ppm', 'configs/ablation.py:t2_aspp',
+      'configs/ablation.py:t1_c357_avg_gp']

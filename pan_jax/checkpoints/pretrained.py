@@ -15,9 +15,12 @@ A converted directory DIR holds:
                        --checkpoint.
 
 Training starts from such a directory with `--config.model.init_from=DIR`
-(an inference checkpoint written by `python -m pan_jax.export` works too, as
-a whole network): train.py calls `load_pretrained(variables, DIR, config)`
-on the freshly initialised variables. Every array is checked against the
+(an inference checkpoint written by `python -m pan_jax.export`, or a training
+workdir, whose latest checkpoint is read, work too, as whole networks: the
+second stage of configs/voc.py:finetune starts from the first stage's
+workdir): train.py calls `load_pretrained(variables, DIR, config)` on the
+freshly initialised variables, so the step and the optimiser state are those
+of a fresh start whatever DIR held. Every array is checked against the
 model's (name and shape), and config.model against what the weights need, so
 a wrong `--config.model.*` fails with the name of the first mismatched array
 or field and the overrides the weights need.
@@ -36,6 +39,7 @@ import numpy as np
 from pan_jax import paths
 from pan_jax.checkpoints import exported
 from pan_jax.checkpoints import files
+from pan_jax.checkpoints import workdir
 
 INFO_FILE = 'pretrained.json'
 KINDS = ('backbone', 'network')
@@ -43,8 +47,8 @@ KINDS = ('backbone', 'network')
 # most mismatches, but avg_down changes no shape: only this check sees it.
 ARCH_FIELDS = ('backbone', 'stem', 'avg_down', 'base_width')
 # config.model fields a whole network may be loaded with changed.
-NETWORK_FREE_FIELDS = ('init_from', 'output_stride', 'multi_grid',
-                       'contract_dilation', 'bn_momentum')
+NETWORK_FREE_FIELDS = ('init_from', 'require_init_from', 'output_stride',
+                       'multi_grid', 'contract_dilation', 'bn_momentum')
 
 
 def read_info(path: str) -> Dict[str, Any]:
@@ -52,8 +56,9 @@ def read_info(path: str) -> Dict[str, Any]:
 
   Args:
     path: a directory from `python -m pan_jax.convert` (DIR/pretrained.json),
-      or an inference checkpoint from `python -m pan_jax.export` (config.json
-      and variables/, no pretrained.json): that is a whole network too.
+      an inference checkpoint from `python -m pan_jax.export` (config.json
+      and variables/, no pretrained.json) or a training workdir (config.json
+      and checkpoints/): those two are whole networks.
 
   Returns:
     {'kind', 'source': {'format', 'arch', ...}, 'model': the config.model
@@ -64,14 +69,17 @@ def read_info(path: str) -> Dict[str, Any]:
   """
   info_path = os.path.join(path, INFO_FILE)
   if not paths.isfile(info_path):
-    if exported.is_inference_checkpoint(path):
+    kind = ('pan_jax' if exported.is_inference_checkpoint(path) else
+            'pan_jax workdir' if workdir.is_workdir(path) else None)
+    if kind:
       model = files.read_config(path).get('model', {})
       return {'kind': 'network',
-              'source': {'format': 'pan_jax', 'arch': model.get('backbone')},
+              'source': {'format': kind, 'arch': model.get('backbone')},
               'model': {k: model[k] for k in ARCH_FIELDS if k in model}}
     raise FileNotFoundError(
-        f'{path} is not a converted checkpoint: {info_path} is missing '
-        '(make one with `python -m pan_jax.convert`)')
+        f'{path} is not a converted checkpoint ({info_path} is missing; make '
+        'one with `python -m pan_jax.convert`), an inference checkpoint or a '
+        'training workdir')
   info = files.read_json(info_path)
   if info.get('kind') not in KINDS:
     raise ValueError(f'{info_path}: kind must be one of {KINDS}, got '
@@ -80,7 +88,10 @@ def read_info(path: str) -> Dict[str, Any]:
 
 
 def restore_variables(path: str) -> Dict[str, Any]:
-  """Reads DIR/variables as a nested dict of host NumPy arrays."""
+  """Reads DIR/variables (or a workdir's latest checkpoint) as NumPy trees."""
+  if (workdir.is_workdir(path) and
+      not exported.is_inference_checkpoint(path)):
+    return files.as_dict(workdir.restore_variables(path)[0])
   return files.read_variables(os.path.join(path, files.VARIABLES_DIR))
 
 
@@ -206,7 +217,8 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
   Args:
     variables: {'params', 'batch_stats'} from `model.init` (jax or numpy
       leaves; anything with .shape and .dtype).
-    path: a directory written by `python -m pan_jax.convert`.
+    path: a directory written by `python -m pan_jax.convert`, an inference
+      checkpoint or a training workdir (its latest checkpoint).
     config: the run's ConfigDict. When given, config.model is checked with
       `check_config`: a backbone's ARCH_FIELDS (avg_down changes no shape, so
       only this catches it), a network's whole config.model.

@@ -49,7 +49,7 @@ RESUME_INVARIANT_FIELDS = (
     'model', 'data.name', 'data.train_split', 'data.crop_size',
     'data.min_scale', 'data.max_scale')
 # Inside 'model', fields that only matter for a fresh start.
-_IGNORED_ON_RESUME = ('model.init_from',)
+_IGNORED_ON_RESUME = ('model.init_from', 'model.require_init_from')
 
 
 def create_manager(workdir: str, config: ml_collections.ConfigDict
@@ -230,6 +230,12 @@ def restore_variables(workdir: str, step: Optional[int] = None
   finally:
     manager.close()
   return dict(restored['state']), step
+
+
+def is_workdir(path: str) -> bool:
+  """True if `path` is a training workdir (config.json and checkpoints/)."""
+  return (paths.isfile(os.path.join(path, files.CONFIG_FILE)) and
+          paths.isdir(os.path.join(path, CHECKPOINT_DIR)))
 
 
 def save_run_info(workdir: str, config: ml_collections.ConfigDict,

@@ -269,6 +269,9 @@ def smp_config(backbone: str, num_classes: int = 21,
   config = defaults.get_config()
   defaults.use_smp_pan(config.model, backbone)
   config.model.decoder_channels = decoder_channels
+  # As every VOC recipe: training this config needs init_from (the converted
+  # network itself, when fine-tuning it).
+  config.model.require_init_from = True
   if num_classes != len(voc.CLASS_NAMES):
     config.data.name = 'folder'
     config.data.train_split = 'train'

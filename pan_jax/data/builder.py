@@ -57,6 +57,8 @@ class DatasetSpec:
     notes: things the user must be told (e.g. a split that was not built).
     bad: (path, problem) of inputs already skipped while listing the files
       (only with skip_bad).
+    unlabeled_splits: splits whose images have no ground truth (benchmark
+      test splits; their labels are all 255); kept in the metadata.
   """
   name: str
   class_names: tuple[str, ...]
@@ -66,6 +68,7 @@ class DatasetSpec:
   source_dir: str
   notes: list[str] = dataclasses.field(default_factory=list)
   bad: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  unlabeled_splits: tuple[str, ...] = ()
 
 
 def built_dir(data_dir: str, name: str) -> Optional[str]:
@@ -136,6 +139,8 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
         # before it starts.
         max_image_size={},
         skipped=[],
+        # Splits without ground truth: evaluation writes predictions only.
+        unlabeled_splits=list(spec.unlabeled_splits),
     )
     return tfds.core.DatasetInfo(
         builder=self,

@@ -104,8 +104,10 @@ class ExampleFiles:
   Attributes:
     file_name: stored with the record (a stem such as '2007_000032').
     image_path: JPEG or PNG image.
-    label_path: PNG of raw ids, or an SBD .mat when label_format is 'sbd_mat'.
-    label_format: 'png' or 'sbd_mat'.
+    label_path: PNG of raw ids, or an SBD .mat when label_format is 'sbd_mat'
+      ('' for 'none').
+    label_format: 'png', 'sbd_mat', or 'none' for an image without labels (a
+      benchmark's test split): its label is all IGNORE_LABEL.
   """
   file_name: str
   image_path: str
@@ -258,13 +260,17 @@ def make_record(example: ExampleFiles, mapping: LabelMapping):
     BadInputError: any check above fails.
   """
   image, (height, width) = read_image(example.image_path)
-  raw = read_label(example.label_path, example.label_format)
-  if raw.shape != (height, width):
-    raise BadInputError(
-        example.label_path,
-        f'label is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image '
-        f'{example.image_path} is {width}x{height}; expected the same size')
-  label = mapping.apply(raw, example.label_path)
+  if example.label_format == 'none':
+    # No ground truth (a test split): every pixel is ignored by the metrics.
+    label = np.full((height, width), IGNORE_LABEL, np.uint8)
+  else:
+    raw = read_label(example.label_path, example.label_format)
+    if raw.shape != (height, width):
+      raise BadInputError(
+          example.label_path,
+          f'label is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image '
+          f'{example.image_path} is {width}x{height}; expected the same size')
+    label = mapping.apply(raw, example.label_path)
   record = {'image': image, 'label': encode_png(label),
             'file_name': example.file_name}
   return record, (height, width)

@@ -101,6 +101,23 @@ def max_image_size(data_config, split: str):
   return tuple(sizes[split]) if split in sizes else None
 
 
+def has_labels(data_config, split: str) -> bool:
+  """False for a split prepared without ground truth (a test split).
+
+  Args:
+    data_config: config.data (fields name, data_dir).
+    split: split name.
+
+  Returns:
+    Whether the split's labels are real (datasets prepared before this was
+    recorded have labels in every split).
+  """
+  if data_config.name == FAKE_NAME:
+    return True
+  metadata = _tfds_builder(data_config).info.metadata
+  return split not in metadata.get('unlabeled_splits', [])
+
+
 def open_split(data_config, split: str):
   """A random-access source (len, [i]) of a split's examples.
 
