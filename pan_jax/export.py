@@ -41,6 +41,7 @@ import numpy as np
 
 from pan_jax import checkpoints
 from pan_jax import defaults
+from pan_jax import errors
 from pan_jax import models
 from pan_jax import paths
 from pan_jax import runtime
@@ -140,6 +141,10 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
   Returns:
     The exported step.
   """
+  if jax.process_count() > 1:
+    raise errors.UsageError(
+        'export writes one directory from one process: run it on one host, '
+        'without PAN_JAX_DISTRIBUTED=1')
   config, meta, variables, step = checkpoints.load(checkpoint, step)
   defaults.override(config, config_overrides or {})
   output = paths.absolute(output)

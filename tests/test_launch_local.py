@@ -1,8 +1,8 @@
 """Tests for launch/local.sh: N processes of pan_jax.main on this machine.
 
 The failure and signal cases use a stand-in interpreter (PYTHON=a bash
-script) so they take seconds; the real two-process training run is gated
-like tests/test_train.py's (PAN_JAX_TEST_MULTIPROCESS=1).
+script) so they take seconds; real multi-process runs through it (training
+and evaluation) are in tests/test_multihost.py.
 """
 
 import os
@@ -181,26 +181,3 @@ def test_sigterm_reaches_every_process(tmp_path):
   assert 'SIGTERM received' in stderr
   assert all((tmp_path / f'term_{i}').exists() for i in (0, 1))
   assert not any(_alive(pid) for pid in _pids(tmp_path, 2))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('PAN_JAX_TEST_MULTIPROCESS') != '1',
-                    reason='2 processes compile in parallel (~45 s on 2 '
-                    'cores); set PAN_JAX_TEST_MULTIPROCESS=1 to run')
-def test_two_processes_train(tmp_path):
-  logs = tmp_path / 'logs'
-  result = _launch({'PYTHON': sys.executable, 'DEVICES_PER_PROCESS': '2',
-                    'LOG_DIR': str(logs),
-                    'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'},
-                   '--config=configs/smoke.py',
-                   f'--workdir={tmp_path / "run"}', '--config.total_steps=2',
-                   timeout=600)
-  outputs = [(logs / f'process_{i}.log').read_text() for i in (0, 1)]
-  assert result.returncode == 0, result.stderr + outputs[0][-3000:]
-  for index, output in enumerate(outputs):
-    assert f'process {index}/2, 2 local / 4 global devices' in output
-    assert 'Trained steps 0 to 2' in output
-  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints' / '2' /
-                           'data_iter')) == [
-                               'commit_success.txt', 'process_0-of-2.json',
-                               'process_1-of-2.json']

@@ -316,50 +316,6 @@ def test_is_time():
   assert [s for s in range(1, 8) if train.is_time(s, 0, 7)] == [7]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('PAN_JAX_TEST_MULTIPROCESS') != '1',
-                    reason='2 processes compile in parallel (~1 min on 2 '
-                    'cores); set PAN_JAX_TEST_MULTIPROCESS=1 to run')
-def test_two_processes(tmp_path):
-  """The multi-host path: 2 processes x 4 CPU devices over gloo."""
-  def launch(workdir, steps, process_count):
-    procs = []
-    for index in range(process_count):
-      env = dict(os.environ, JAX_PLATFORMS='cpu', PAN_JAX_DISTRIBUTED='1',
-                 XLA_FLAGS='--xla_force_host_platform_device_count=4',
-                 JAX_COORDINATOR_ADDRESS='127.0.0.1:23457',
-                 PAN_JAX_NUM_PROCESSES=str(process_count),
-                 PAN_JAX_PROCESS_ID=str(index),
-                 JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-      procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'pan_jax.main', '--config=configs/smoke.py',
-           f'--workdir={workdir}', f'--config.total_steps={steps}',
-           '--config.eval_every_steps=0'], cwd=REPO, env=env,
-          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:]
-    return outputs
-
-  launch(tmp_path / 'run', 2, 2)
-  item = tmp_path / 'run' / 'checkpoints' / '2' / 'data_iter'
-  assert sorted(os.listdir(item)) == [
-      'commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
-  # One process with another process count: the model state restores, the
-  # iterator cannot and the user is told.
-  shutil.copytree(tmp_path / 'run', tmp_path / 'one')
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='1')
-  result = subprocess.run(
-      [sys.executable, '-m', 'pan_jax.main', '--config=configs/smoke.py',
-       f'--workdir={tmp_path / "one"}', '--config.total_steps=3',
-       '--config.eval_every_steps=0'], cwd=REPO, env=env,
-      capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'data pipeline starts again' in result.stderr
-  assert workdir_lib.restore_variables(str(tmp_path / 'one'))[1] == 3
-
-
 def test_init_from_replaces_initial_variables(monkeypatch):
   mesh = sharding.make_mesh()
   params = {'backbone': {'conv': {'kernel': np.zeros((3, 3, 3, 4),
