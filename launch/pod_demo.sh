@@ -14,8 +14,8 @@
 #   6. one process exports it to gs://pod-demo/export.
 #   launch/pod_demo.sh [--config.x=y ...]      (flags go to training)
 # Environment: PYTHON (default .venv/bin/python), NUM_PROCESSES (2),
-# DEVICES_PER_PROCESS (2), TOTAL_STEPS (300), STOP_AFTER (100), NUM_TRAIN
-# (400 synthetic training images), WORK_DIR (local scratch: logs, caches,
+# DEVICES_PER_PROCESS (2), TOTAL_STEPS (60), STOP_AFTER (30; a multiple of
+# LOG_EVERY, 10), NUM_TRAIN (400 synthetic training images), WORK_DIR (local scratch: logs, caches,
 # the server's log; default a new temporary directory), DRY_RUN=1 to print
 # the commands instead. The server keeps the bucket in memory: it is gone
 # when the script ends (the last lines list what was in it).
@@ -25,12 +25,14 @@ cd "$root"
 python=${PYTHON:-$root/.venv/bin/python}
 num=${NUM_PROCESSES:-2}
 devices=${DEVICES_PER_PROCESS:-2}
-steps=${TOTAL_STEPS:-300}
-stop_after=${STOP_AFTER:-100}
+steps=${TOTAL_STEPS:-60}
+stop_after=${STOP_AFTER:-30}
+log_every=${LOG_EVERY:-10}
 num_train=${NUM_TRAIN:-400}
 dry=${DRY_RUN:-0}
-if ((stop_after < 1 || stop_after >= steps)); then
-  echo "launch/pod_demo.sh: STOP_AFTER=$stop_after must be in [1, TOTAL_STEPS)" >&2
+if ((stop_after < 1 || stop_after >= steps || stop_after % log_every)); then
+  echo "launch/pod_demo.sh: STOP_AFTER=$stop_after must be in [1, TOTAL_STEPS)" \
+       "and a multiple of LOG_EVERY=$log_every" >&2
   exit 2
 fi
 if [ "$dry" = 1 ]; then work=${WORK_DIR:-/tmp/pod_demo}
@@ -47,7 +49,7 @@ train=(launch/local.sh --config=configs/demo.py --workdir="$bucket/run"
        --config.data.data_dir="$bucket/data"
        --config.data.cache_dir="$work/cache"
        --config.total_steps="$steps" --config.checkpoint_every_steps=1000
-       --config.log_every_steps=20 "$@")
+       --config.log_every_steps="$log_every" "$@")
 evaluate=(env MODULE=pan_jax.evaluate launch/local.sh
           --checkpoint="$bucket/run" --output="$bucket/run/eval_val"
           --config.data.cache_dir="$work/cache")
@@ -79,6 +81,7 @@ cleanup() { if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true
             wait "$server_pid" 2>/dev/null || true; fi; }
 trap cleanup EXIT
 stamp "starting a local GCS server with $bucket (scratch: $work)"
+rm -f "$work/gcs.env"  # A previous run's server is gone.
 "${server[@]}" >"$work/gcs_server.out" 2>&1 &
 server_pid=$!
 for _ in $(seq 300); do

@@ -80,6 +80,14 @@ def test_dry_run_prints_one_command_per_process():
   assert len(ports) == 1  # One coordinator for all.
 
 
+def test_dry_run_of_another_command():
+  result = _launch({'DRY_RUN': '1', 'MODULE': 'pan_jax.evaluate',
+                    'PYTHON': '/py'}, '--checkpoint=gs://b/run')
+  for line in result.stdout.splitlines():
+    assert shlex.split(line)[-4:] == ['/py', '-m', 'pan_jax.evaluate',
+                                      '--checkpoint=gs://b/run']
+
+
 def test_dry_run_keeps_the_users_xla_flags_and_port():
   result = _launch({'DRY_RUN': '1', 'COORDINATOR_PORT': '4321',
                     'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
@@ -103,8 +111,12 @@ def test_bad_settings_are_refused(name, value):
 def test_every_process_gets_its_environment(tmp_path):
   python = _stand_in(tmp_path, 'exit 0')
   result = _launch({'PYTHON': python, 'NUM_PROCESSES': '2',
-                    'DEVICES_PER_PROCESS': '3'}, '--workdir=w')
+                    'DEVICES_PER_PROCESS': '3',
+                    'LOG_DIR': str(tmp_path / 'logs')}, '--workdir=w')
   assert result.returncode == 0, result.stderr
+  # LOG_DIR has each process's pid (to signal one of them).
+  assert [int((tmp_path / 'logs' / f'process_{i}.pid').read_text())
+          for i in (0, 1)] == _pids(tmp_path, 2)
   envs = [(tmp_path / f'env_{i}').read_text().splitlines() for i in (0, 1)]
   for index, env in enumerate(envs):
     assert f'PAN_JAX_PROCESS_ID={index}' in env

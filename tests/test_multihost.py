@@ -399,3 +399,53 @@ def test_kill_9_of_one_process_stops_the_other_naming_it(bucket, dataset,
     log = run.log(0)
   assert code != 0 and elapsed < 60, (code, elapsed)
   assert 'lost process 1 of 2' in log, log[-3000:]
+
+
+def _all_reduce_bytes(hlo_text):
+  """{element type: bytes} of every all-reduce in compiled HLO text."""
+  sizes = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4}
+  found = {}
+  for line in hlo_text.splitlines():
+    parts = re.split(r' all-reduce(?:-start)?\(', line)
+    if len(parts) < 2 or ' = ' not in parts[0]:
+      continue
+    for kind, dims in re.findall(r'\b(f32|bf16|f16|s32)\[([0-9,]*)\]',
+                                 parts[0].split(' = ', 1)[1]):
+      count = int(np.prod([int(d) for d in dims.split(',') if d]))
+      found[kind] = found.get(kind, 0) + count * sizes[kind]
+  return found
+
+
+def test_the_scaling_arithmetic_of_the_readme():
+  """README "Pods and buckets" computes from these: the parameter counts of
+  configs/voc.py and configs/smp_pan.py, and one float32 all-reduce of the
+  gradients per step whatever compute_dtype is."""
+  from configs import smp_pan  # pylint: disable=g-import-not-at-top
+  from configs import voc  # pylint: disable=g-import-not-at-top
+  from pan_jax import models  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  for module in (voc, smp_pan):
+    config = module.get_config()
+    model = models.create_model(config, num_classes=21)
+    crop = config.data.crop_size
+    shapes = jax.eval_shape(lambda m=model, c=crop: m.init(
+        jax.random.key(0), jax.numpy.zeros((1, c, c, 3)), train=False))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+        shapes['params']))
+    assert f'| {count:,} |' in readme, (module.__name__, count)
+  mesh = sharding.make_mesh()
+  batch = {key: jax.ShapeDtypeStruct(shape, dtype,
+                                     sharding=sharding.batch_sharding(mesh))
+           for key, shape, dtype in (('image', (8, 64, 64, 3), np.float32),
+                                     ('label', (8, 64, 64), np.int32))}
+  for dtype in ('float32', 'bfloat16'):
+    config = smoke.get_config()
+    config.compute_dtype = dtype
+    _, init_fn, step_fn = train._programs(config, mesh, 6, 255)  # pylint: disable=protected-access
+    state = init_fn.trace(jax.random.key(0)).out_info
+    reduced = _all_reduce_bytes(step_fn.lower(state, batch).compile().as_text())
+    parameter_bytes = 4 * sum(x.size for x in jax.tree.leaves(state.params))
+    assert set(reduced) == {'f32'}, (dtype, reduced)
+    # The gradients, plus the synchronised BatchNorm sums (~1 %).
+    assert parameter_bytes <= reduced['f32'] <= 1.02 * parameter_bytes
