@@ -313,7 +313,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step(stopped):  # pylint: disa
   saved = int(steps[0][0])
   assert 1 <= saved < STEPS
   # Process 1 got the signal; process 0 learnt it from the coordinator.
-  assert 'Stopped by a SIGTERM (preemption notice)' in stopped['logs'][1]
+  # Each line names its process.
+  for index, log in enumerate(stopped['logs']):
+    assert re.search(rf'^W.*\] \[process {index}/2\] Stopped by a SIGTERM '
+                     r'\(preemption notice\)', log, re.M)
   assert 'To resume, rerun the same command' in stopped['logs'][0]
   assert workdir_lib.restore_variables(stopped['workdir'], saved)[1] == saved
 
