@@ -31,7 +31,8 @@ run() {
 
 if [ "${1:-}" = "--setup" ]; then
   # The code: the tracked files of this checkout, packed here, unpacked on
-  # every worker. Then the project's venv and the TPU build of jax there.
+  # every worker. Then the project's venv and the TPU build of jax (the tpu
+  # extra, at the tested versions) there.
   pack=(tar -czf "${TMPDIR:-/tmp}/$archive" -C "$root" --null -T -)
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf 'git -C %q ls-files -z | ' "$root"; run "${pack[@]}"
@@ -41,7 +42,7 @@ if [ "${1:-}" = "--setup" ]; then
   run "${scp[@]}"
   run "${gcloud[@]}" --command "mkdir -p $remote_dir && \
 tar -xzf ~/$archive -C $remote_dir && cd $remote_dir && launch/setup_env.sh && \
-.venv/bin/pip install -q -U 'jax[tpu]'"
+.venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
   exit 0
 fi
 if [ $# -lt 2 ]; then

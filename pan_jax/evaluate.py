@@ -563,6 +563,11 @@ def main(argv: Sequence[str]) -> None:
       protocols=flag_values.protocols, output_format=flag_values.format)
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-evaluate (= python -m pan_jax.evaluate)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -45,6 +45,11 @@ def main(argv: Sequence[str]) -> None:
           flush=True)
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-train (= python -m pan_jax.main)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

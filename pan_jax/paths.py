@@ -3,7 +3,7 @@
 Every path a user gives (data_dir, workdir, checkpoint, export and evaluate
 output, init_from, predict inputs and output) may be a local path or a URL
 such as gs://BUCKET/dir. The file-system calls on them go through here,
-over etils.epath (local files, or gs:// through gcsfs; requirements-gcs.txt
+over etils.epath (local files, or gs:// through gcsfs; the `gcs` extra
 installs it). os.path's string functions (join, basename, splitext) work on
 URLs too; its file-system functions do not, and neither does open().
 

@@ -1,4 +1,4 @@
-"""Segments image files: the Predictor and `python -m pan_jax.predict`.
+"""Segments images: the Predictor, `load`, and `python -m pan_jax.predict`.
 
     python -m pan_jax.predict --checkpoint=RUN_OR_EXPORT --output=OUT
         IMAGE_OR_DIR... [--scales=...] [--flip] [--mode=whole|slide]
@@ -6,9 +6,9 @@
 
 For each image (directories are searched, not recursively, for .jpg, .jpeg,
 .png, .bmp, .tif, .tiff, .webp) it writes, at the image's own size:
-  OUT/<stem>.png          class ids, single-channel 8-bit (255 never occurs)
-  OUT/<stem>_color.png    the ids as a palette PNG in the dataset's colours
-  OUT/<stem>_overlay.png  the colours blended over the image
+  OUT/<stem>.png: class ids, single-channel 8-bit (255 never occurs);
+  OUT/<stem>_color.png: the ids as a palette PNG in the dataset's colours;
+  OUT/<stem>_overlay.png: the colours blended over the image.
 A file that cannot be read (or whose stem was already used) gets an error
 naming it; the others are still processed and the exit status is 1 at the end.
 
@@ -17,6 +17,10 @@ otherwise its size rounded up to a multiple of 32) and the model gets their
 valid size, so the padding does not change the prediction and few canvas
 shapes (compilations) occur. Inference options (scales, flip, whole / slide)
 default to the checkpoint's config.eval.
+
+In Python, `pan_jax.load(path)` (= `load` here) returns the Predictor:
+`predictor(image)` gives the class ids of a uint8 RGB image, a list of
+images or an [N, H, W, 3] array; `predictor.probabilities(...)` the scores.
 """
 
 import functools
@@ -47,13 +51,22 @@ _CANVAS_MULTIPLE = 32
 class Predictor:
   """Class ids for uint8 RGB images of any size, one jitted program per canvas.
 
+  `pan_jax.load(path)` builds one from a checkpoint. Call it with one image
+  (uint8 [H, W, 3]), a list of images of any sizes, or an array
+  [N, H, W, 3]; `probabilities` takes the same and returns the averaged
+  softmax scores. Images are padded to a canvas (see the module docstring)
+  and run up to `batch_size` at a time; the batch is rounded up to a power
+  of two so that few programs are compiled.
+
   Attributes:
-    options: the InferenceOptions used.
+    options: the InferenceOptions used (scales, flip, whole / slide).
+    meta: the checkpoint's DatasetMeta (class names, palette), or None.
   """
 
   def __init__(self, model: Any, variables: Any,
                options: inference.InferenceOptions,
-               canvas_size: Sequence[int] = (512, 512), min_size: int = 1):
+               canvas_size: Sequence[int] = (512, 512), min_size: int = 1,
+               batch_size: int = 8, meta: Optional[Any] = None):
     """Builds the predictor.
 
     Args:
@@ -64,31 +77,111 @@ class Predictor:
       canvas_size: (height, width) used for every image that fits.
       min_size: smallest canvas side the model accepts
         (models.min_input_size).
+      batch_size: most images per call of the compiled program.
+      meta: DatasetMeta of the checkpoint (kept for the caller).
     """
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     self.options = options
+    self.meta = meta
     self._canvas_size = tuple(int(s) for s in canvas_size)
     self._min_size = int(min_size)
+    self._batch_size = int(batch_size)
+    num_classes = getattr(model, 'num_classes', None)
+    self._ids_dtype = (np.uint8 if num_classes is not None and
+                       num_classes <= 256 else np.int32)
     self._variables = jax.device_put(
         {name: variables[name] for name in ('params', 'batch_stats')})
     self._predict = jax.jit(functools.partial(_predict, model, options))
+    self._predict_probs = jax.jit(
+        functools.partial(_predict_probs, model, options))
 
-  def __call__(self, image: np.ndarray) -> np.ndarray:
-    """Class ids of one image.
+  @property
+  def class_names(self) -> Tuple[str, ...]:
+    """The name of every class id (from the checkpoint's dataset)."""
+    if self.meta is None:
+      raise ValueError('this Predictor was built without a DatasetMeta')
+    return self.meta.class_names
+
+  def __call__(self, images: Any) -> Any:
+    """Class ids of one image or of a batch.
 
     Args:
-      image: uint8 RGB [H, W, 3].
+      images: uint8 RGB [H, W, 3], a list of them (sizes may differ) or an
+        array [N, H, W, 3].
 
     Returns:
-      uint8 [H, W] class ids.
+      [H, W] class ids (uint8 for up to 256 classes, else int32), a list of
+      them, or an array [N, H, W], matching `images`.
     """
-    height, width = image.shape[:2]
-    canvas_h, canvas_w = canvas_for(height, width, self._canvas_size,
-                                    self._min_size)
-    canvas = np.zeros((1, canvas_h, canvas_w, 3), np.float32)
-    canvas[0, :height, :width] = transforms.normalize(image)
-    sizes = np.array([[height, width]], np.int32)
-    classes = self._predict(self._variables, canvas, sizes)
-    return np.asarray(classes)[0, :height, :width].astype(np.uint8)
+    return self._run(self._predict, images,
+                     lambda ids: ids.astype(self._ids_dtype))
+
+  def probabilities(self, images: Any) -> Any:
+    """Softmax probabilities averaged over the scales and flips.
+
+    Args:
+      images: as for `__call__`.
+
+    Returns:
+      float32 [H, W, K] per image (a list, or an array [N, H, W, K]); the
+      class ids are their argmax.
+    """
+    return self._run(self._predict_probs, images, lambda probs: probs)
+
+  def _run(self, function, images, finish):
+    """`function` over canvases of up to batch_size images, cropped back."""
+    batch, kind = _as_batch(images)
+    by_canvas = {}
+    for index, image in enumerate(batch):
+      canvas = canvas_for(image.shape[0], image.shape[1], self._canvas_size,
+                          self._min_size)
+      by_canvas.setdefault(canvas, []).append(index)
+    results = [None] * len(batch)
+    for (canvas_h, canvas_w), indices in by_canvas.items():
+      for first in range(0, len(indices), self._batch_size):
+        chunk = indices[first:first + self._batch_size]
+        count = min(self._batch_size, 1 << (len(chunk) - 1).bit_length())
+        canvases = np.zeros((count, canvas_h, canvas_w, 3), np.float32)
+        # Filler images (up to the rounded batch) get a whole valid canvas.
+        sizes = np.tile(np.array([[canvas_h, canvas_w]], np.int32),
+                        (count, 1))
+        for row, index in enumerate(chunk):
+          height, width = batch[index].shape[:2]
+          canvases[row, :height, :width] = transforms.normalize(batch[index])
+          sizes[row] = (height, width)
+        outputs = np.asarray(function(self._variables, canvases, sizes))
+        for row, index in enumerate(chunk):
+          height, width = batch[index].shape[:2]
+          results[index] = finish(outputs[row, :height, :width])
+    if kind == 'one':
+      return results[0]
+    if kind == 'array':
+      return np.stack(results)
+    return results
+
+
+def _as_batch(images: Any) -> Tuple[List[np.ndarray], str]:
+  """(list of uint8 [H, W, 3] images, 'one' | 'list' | 'array')."""
+  if isinstance(images, (list, tuple)):
+    batch, kind = list(images), 'list'
+  else:
+    array = np.asarray(images)
+    if array.ndim == 4:
+      batch, kind = list(array), 'array'
+    else:
+      batch, kind = [array], 'one'
+  for index, image in enumerate(batch):
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+      where = '' if kind == 'one' else f'image {index}: '
+      raise ValueError(
+          f'{where}expected uint8 RGB [H, W, 3] (e.g. np.asarray(PIL.Image'
+          f'.open(f).convert("RGB"))), got {image.dtype} {image.shape}')
+    batch[index] = image
+  if not batch:
+    raise ValueError('expected at least one image, got an empty list')
+  return batch, kind
 
 
 def canvas_for(height: int, width: int, canvas_size: Sequence[int],
@@ -112,9 +205,52 @@ def canvas_for(height: int, width: int, canvas_size: Sequence[int],
 
 
 def _predict(model, options, variables, images, image_sizes):
+  return inference.predict(_apply_fn(model, variables), images, image_sizes,
+                           options)
+
+
+def _predict_probs(model, options, variables, images, image_sizes):
+  return inference.predict_probs(_apply_fn(model, variables), images,
+                                 image_sizes, options)
+
+
+def _apply_fn(model, variables):
   def apply_fn(x, sizes):
     return model.apply(variables, x, train=False, image_sizes=sizes)
-  return inference.predict(apply_fn, images, image_sizes, options)
+  return apply_fn
+
+
+def load(path: str, *, step: Optional[int] = None,
+         scales: Optional[Sequence[float]] = None,
+         flip: Optional[bool] = None, mode: Optional[str] = None,
+         batch_size: int = 8,
+         config_overrides: Optional[Mapping[str, Any]] = None) -> Predictor:
+  """The Predictor of a checkpoint (what `pan_jax.load` returns).
+
+  Args:
+    path: training workdir, inference checkpoint or converted network
+      (checkpoints.load).
+    step: checkpoint step of a workdir (None = the latest).
+    scales: test-time scales (None = config.eval.scales).
+    flip: average the mirrored image too (None = config.eval.flip).
+    mode: 'whole' or 'slide' (None = config.eval.mode).
+    batch_size: most images per compiled call.
+    config_overrides: {dotted path: value} set on the saved config first,
+      e.g. {'eval.canvas_size': (640, 640)}; the arguments above take
+      precedence.
+
+  Returns:
+    A Predictor whose `meta` is the checkpoint's DatasetMeta.
+  """
+  config, meta, variables, _ = checkpoints.load(path, step)
+  defaults.override(config, config_overrides or {})
+  options = inference.InferenceOptions.from_config(
+      config.eval, mode=mode, scales=scales, flip=flip)
+  model = models.create_model(config, meta.num_classes)
+  return Predictor(model, variables, options,
+                   canvas_size=config.eval.canvas_size,
+                   min_size=models.min_input_size(config),
+                   batch_size=batch_size, meta=meta)
 
 
 def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -227,18 +363,14 @@ def run(checkpoint: str, output: str, paths: Sequence[str], *,
     0 if every input was segmented, else 1 (the errors are logged and
     printed to stderr).
   """
-  config, meta, variables, step = checkpoints.load(checkpoint, step)
-  defaults.override(config, config_overrides or {})
+  predictor = load(checkpoint, step=step, scales=scales, flip=flip,
+                   mode=mode, config_overrides=config_overrides)
+  meta = predictor.meta
   if meta.num_classes > 255:
     raise ValueError(f'{checkpoint}: {meta.num_classes} classes do not fit '
                      'the 8-bit class-id PNGs predict writes (at most 255)')
-  options = inference.InferenceOptions.from_config(
-      config.eval, mode=mode, scales=scales, flip=flip)
-  model = models.create_model(config, meta.num_classes)
-  predictor = Predictor(model, variables, options,
-                        canvas_size=config.eval.canvas_size,
-                        min_size=models.min_input_size(config))
-  logging.info('Predicting with %s (step %s): %s', checkpoint, step, options)
+  logging.info('Predicting with %s (step %s): %s', checkpoint, step,
+               predictor.options)
   errors = predict_files(predictor, paths, output, meta, progress=True)
   if errors:
     print(f'{len(errors)} input(s) failed:', file=sys.stderr)
@@ -259,6 +391,11 @@ def main(argv: Sequence[str]) -> int:
              config_overrides=runtime.config_overrides())
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-predict (= python -m pan_jax.predict)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

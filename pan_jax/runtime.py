@@ -12,9 +12,13 @@ every host of a TPU pod slice:
   jaxlib 0.10's YNN convolutions are slow for training (YNN stays on for
   reductions). XLA reads XLA_FLAGS when its first backend starts, not when
   jax is imported, so setting it here, before any computation, is in time.
+  XLA aborts the process on a flag it does not know, and these are
+  experimental: each is set only when this jaxlib knows it (its name occurs
+  in jaxlib's shared libraries; `cpu_xla_flags`).
   glibc's huge pages (GLIBC_TUNABLES, read when a process starts) remove the
   page faults of fresh multi-GB buffers every step; they only help when in
-  the environment of the command (launch scripts and the bench set CPU_ENV).
+  the environment of the command (launch scripts and the bench set
+  cpu_env()).
 * Multi-host: with PAN_JAX_DISTRIBUTED=1 (set by launch/*.sh),
   `jax.distributed.initialize()` is called first. Cluster environments (TPU
   VMs, SLURM, MPI) configure themselves; elsewhere set
@@ -36,12 +40,17 @@ every host of a TPU pod slice:
   warnings are kept.
 """
 
+import functools
+import glob
+import importlib.metadata
 import importlib.util
 import logging as py_logging
+import mmap
 import os
 import sys
 import traceback
-from typing import Any, Callable, Dict, Mapping, Sequence
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Mapping, Optional,
+                    Sequence)
 
 from absl import app
 from absl import flags
@@ -54,11 +63,11 @@ from pan_jax import defaults
 from pan_jax import errors
 from pan_jax import inference
 
+# The XLA CPU tuning (see the module docstring); `cpu_xla_flags()` is the
+# part of it this jaxlib knows. (An unknown *option* inside
+# --xla_backend_extra_options is ignored by XLA; an unknown flag aborts.)
 CPU_XLA_FLAGS = ('--xla_backend_extra_options=xla_cpu_use_multi_output_fusion'
                  ' --xla_cpu_experimental_ynn_fusion_type=reduce')
-# The environment of a CPU process started by another (bench, launch scripts).
-CPU_ENV = {'XLA_FLAGS': CPU_XLA_FLAGS,
-           'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
 # jax plugins whose presence means jax will not run on the CPU.
 _ACCELERATOR_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin',
                         'jax_rocm7_plugin', 'libtpu')
@@ -72,15 +81,96 @@ def on_cpu() -> bool:
   return not any(importlib.util.find_spec(p) for p in _ACCELERATOR_PLUGINS)
 
 
+def flag_name(flag: str) -> str:
+  """'xla_cpu_x' for '--xla_cpu_x=value'."""
+  return flag.split('=', 1)[0].lstrip('-')
+
+
+def known_xla_flags(names: Iterable[str],
+                    library_dir: Optional[str] = None) -> FrozenSet[str]:
+  """The flag names among `names` that this jaxlib's XLA knows.
+
+  XLA registers every flag by name in its flag table, so a flag's name occurs
+  in the bytes of the shared library that holds XLA; an unknown flag in
+  XLA_FLAGS aborts the process ("Unknown flag in XLA_FLAGS") when the first
+  backend starts, too late to recover. Searching the memory-mapped libraries
+  costs ~20 ms when every name is found early (jaxlib 0.10: one 350 MB
+  library, the names within its first 20 MB) and ~0.2 s when one is absent.
+  A name found nowhere (or no library found) is unknown: the tuning is then
+  left out, which only costs speed.
+
+  Args:
+    names: flag names without dashes, e.g. 'xla_cpu_use_thunk_runtime'.
+    library_dir: where to look (default: the installed jaxlib's directory).
+
+  Returns:
+    The names found.
+  """
+  wanted = {name.encode() for name in names}
+  if library_dir is None:
+    spec = importlib.util.find_spec('jaxlib')
+    if spec is None or not spec.submodule_search_locations:
+      return frozenset()
+    library_dir = list(spec.submodule_search_locations)[0]
+  libraries = sorted(glob.glob(os.path.join(library_dir, '*.so*')),
+                     key=os.path.getsize, reverse=True)  # XLA's is largest.
+  found = set()
+  for path in libraries:
+    try:
+      with open(path, 'rb') as f, mmap.mmap(f.fileno(), 0,
+                                            access=mmap.ACCESS_READ) as data:
+        found.update(name for name in wanted - found
+                     if data.find(name) >= 0)
+    except (OSError, ValueError):  # Unreadable, or empty (mmap refuses).
+      continue
+    if found == wanted:
+      break
+  return frozenset(name.decode() for name in found)
+
+
+@functools.cache
+def cpu_xla_flags() -> str:
+  """CPU_XLA_FLAGS without the flags this jaxlib does not know.
+
+  Computed once per process (see `known_xla_flags`); a flag left out is
+  logged by `start()`.
+  """
+  tuning = CPU_XLA_FLAGS.split()
+  known = known_xla_flags(flag_name(f) for f in tuning)
+  return ' '.join(f for f in tuning if flag_name(f) in known)
+
+
+def cpu_env() -> Dict[str, str]:
+  """The environment of a CPU process started by another (bench, scripts).
+
+  Returns:
+    {'XLA_FLAGS': cpu_xla_flags(), 'GLIBC_TUNABLES': huge pages}.
+  """
+  return {'XLA_FLAGS': cpu_xla_flags(),
+          'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+
+
 def set_cpu_flags() -> None:
-  """Adds CPU_XLA_FLAGS to XLA_FLAGS unless the user chose XLA CPU options.
+  """Adds cpu_xla_flags() to XLA_FLAGS unless the user chose XLA CPU options.
 
   Call before jax's first computation (jax may already be imported).
   """
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_cpu_' in flags or 'xla_backend_extra_options' in flags:
     return  # The user chose; respect it.
-  os.environ['XLA_FLAGS'] = (flags + ' ' + CPU_XLA_FLAGS).strip()
+  os.environ['XLA_FLAGS'] = (flags + ' ' + cpu_xla_flags()).strip()
+  missing = sorted(set(CPU_XLA_FLAGS.split()) - set(cpu_xla_flags().split()))
+  if missing:
+    logging.warning('XLA CPU flag(s) %s not set: jaxlib %s does not know '
+                    'them (CPU training may be slower)', ' '.join(missing),
+                    _jaxlib_version())
+
+
+def _jaxlib_version() -> str:
+  try:
+    return importlib.metadata.version('jaxlib')
+  except importlib.metadata.PackageNotFoundError:
+    return '(unknown version)'
 
 
 # jax.distributed.initialize's timeouts (seconds): (argument, variable that
@@ -173,6 +263,8 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   Args:
     main: the command's main(argv); its return value is the exit status.
   """
+  _lend_help_to_console_script(main)
+
   def start_then_main(argv):
     try:
       start()
@@ -219,6 +311,27 @@ def lost_processes() -> str:
   names = ', '.join(str(i) for i in lost)
   return (f'lost process{"es" if len(lost) > 1 else ""} {names} of {count} '
           '(no heartbeat: killed, or its host is gone?)')
+
+
+def _lend_help_to_console_script(main: Callable[..., Any]) -> None:
+  """Makes --help of a console script (pan-jax-evaluate) that of its module.
+
+  absl's --help prints the docstring of the __main__ module and the flags
+  key to sys.argv[0]; under a console script __main__ is a generated
+  wrapper, so the command module's docstring and key flags are lent to it.
+  Under `python -m` the command is __main__ and nothing changes.
+
+  Args:
+    main: the command's main (its module is the command's).
+  """
+  module = sys.modules.get(getattr(main, '__module__', '__main__'))
+  wrapper = sys.modules['__main__']
+  if module is None or module is wrapper:
+    return
+  if not wrapper.__doc__:
+    wrapper.__doc__ = module.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(module.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
 def _command_name() -> str:

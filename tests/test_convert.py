@@ -1,9 +1,9 @@
 """pan_jax.convert and pan_jax.pretrained without PyTorch.
 
 State dicts are made from the converter's own key mapping with random values
-and written as .safetensors (which needs neither torch nor the safetensors
-package), so these tests run everywhere; numerical parity with PyTorch is in
-test_convert_torch.py.
+and written as .safetensors (by hand here, read by the safetensors library,
+a dependency of pan_jax), so these tests need no torch; numerical parity
+with PyTorch is in test_convert_torch.py.
 """
 
 import json
@@ -116,12 +116,53 @@ def test_reads_files_of_the_safetensors_package(tmp_path):
   st = pytest.importorskip('safetensors.numpy')
   state = {'a': np.arange(6, dtype=np.float32).reshape(2, 3),
            'b': np.array(3, np.int64),
-           'c': np.ones((2, 2), np.float16)}
+           'c': np.ones((2, 2), np.float16),
+           'd': np.array([1.5, -2.25], jnp.bfloat16),
+           'e': np.array([7, 65535], np.uint16)}
   path = str(tmp_path / 'x.safetensors')
   st.save_file(state, path)
   read = readers.read_safetensors(path)
   np.testing.assert_array_equal(read['a'], state['a'])
   assert read['b'] == 3 and read['c'].dtype == np.float32
+  assert read['d'].dtype == np.float32
+  np.testing.assert_array_equal(read['d'], [1.5, -2.25])
+  assert read['e'].dtype == np.uint16 and list(read['e']) == [7, 65535]
+
+
+def _edit_header(path, out, edit):
+  """Copies a .safetensors file with edit(header) applied to its JSON."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  (size,) = struct.unpack('<Q', data[:8])
+  header = json.loads(data[8:8 + size])
+  edit(header)
+  text = json.dumps(header).encode()
+  with open(out, 'wb') as f:
+    f.write(struct.pack('<Q', len(text)) + text + data[8 + size:])
+
+
+def test_unreadable_safetensors_headers_are_named(resnet18d, tmp_path):
+  path, _, _ = resnet18d
+  bad = str(tmp_path / 'fp8.safetensors')
+  _edit_header(path, bad,
+               lambda h: h['fc.bias'].update(dtype='F8_E4M3'))
+  with pytest.raises(convert.ConversionError,
+                     match=r"tensor 'fc.bias' has dtype 'F8_E4M3'; pan_jax "
+                           r'reads F64, F32'):
+    readers.read_safetensors(bad)
+  # A header that fits the file but leaves bytes no tensor covers: the
+  # library refuses it, and the message still names the file.
+  gap = str(tmp_path / 'gap.safetensors')
+
+  def shrink(header):
+    begin, end = header['fc.bias']['data_offsets']
+    header['fc.bias']['data_offsets'] = [begin, end - 4]
+    header['fc.bias']['shape'] = [999]
+
+  _edit_header(path, gap, shrink)
+  with pytest.raises(convert.ConversionError,
+                     match=r'gap\.safetensors: not a valid safetensors file'):
+    readers.read_safetensors(gap)
 
 
 def test_truncated_safetensors_names_the_key(resnet18d, tmp_path):

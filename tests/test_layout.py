@@ -8,6 +8,7 @@ docstring what it owns.
 
 import ast
 import os
+import tomllib
 
 import pytest
 
@@ -118,15 +119,31 @@ def test_the_commands_are_found():
           'pan_jax.data.prepare'} <= set(COMMANDS)
 
 
+def _calls(body):
+  return [ast.unparse(node.value) for node in body
+          if isinstance(node, ast.Expr)]
+
+
 @pytest.mark.parametrize('name', COMMANDS)
 def test_every_command_starts_through_runtime(name):
   tree = MODULES[name]
   block = next(node for node in tree.body if _is_main_block(node))
-  calls = [ast.unparse(node.value) for node in block.body
-           if isinstance(node, ast.Expr)]
+  calls = _calls(block.body)
+  if calls == ['cli()']:
+    # The console script's entry (pyproject.toml) and `python -m` share it.
+    cli = next(node for node in tree.body
+               if isinstance(node, ast.FunctionDef) and node.name == 'cli')
+    calls = _calls(cli.body)
   assert calls[-1] == 'runtime.run(main)', calls
   assert '_define_flags()' in calls  # Flags defined when run as a program.
   assert 'argparse' not in {module for module, _ in _imports(tree)}
+
+
+def test_every_command_has_a_console_script():
+  with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+    scripts = tomllib.load(f)['project']['scripts']
+  assert set(scripts.values()) == {f'{name}:cli' for name in COMMANDS}
+  assert all(script.startswith('pan-jax-') for script in scripts)
 
 
 @pytest.mark.parametrize('name', sorted(MODULES))

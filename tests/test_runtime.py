@@ -36,9 +36,9 @@ def test_a_user_error_is_one_line_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize('user_flags, expected', [
-    ('', runtime.CPU_XLA_FLAGS),
+    ('', runtime.cpu_xla_flags()),
     ('--xla_force_host_platform_device_count=8',
-     '--xla_force_host_platform_device_count=8 ' + runtime.CPU_XLA_FLAGS),
+     '--xla_force_host_platform_device_count=8 ' + runtime.cpu_xla_flags()),
     # The user chose CPU options: they are kept as they are.
     ('--xla_cpu_use_thunk_runtime=false', '--xla_cpu_use_thunk_runtime=false'),
 ])
@@ -67,3 +67,52 @@ def test_distributed_arguments_from_the_environment():
 
 def test_a_single_process_has_lost_nobody():
   assert runtime.lost_processes() == ''
+
+
+def test_this_jaxlib_knows_the_cpu_flags():
+  # The tested jaxlib (constraints.txt) gets the whole tuning, and the
+  # search does not find just any name.
+  assert runtime.cpu_xla_flags() == runtime.CPU_XLA_FLAGS
+  names = ['xla_cpu_experimental_ynn_fusion_type', 'xla_backend_extra_options',
+           'xla_cpu_flag_pan_jax_made_up']
+  assert runtime.known_xla_flags(names) == set(names[:2])
+
+
+def test_flags_unknown_to_jaxlib_are_left_out(tmp_path, monkeypatch):
+  # A jaxlib whose XLA knows only one of the two flags (as an older or newer
+  # one may): only that one is set, and XLA starts.
+  (tmp_path / 'libxla_stand_in.so').write_bytes(
+      b'\x7fELF...--xla_backend_extra_options\x00xla_cpu_use_thunk_runtime')
+  (tmp_path / 'empty.so').write_bytes(b'')
+  assert runtime.known_xla_flags(
+      ['xla_backend_extra_options', 'xla_cpu_experimental_ynn_fusion_type'],
+      library_dir=str(tmp_path)) == {'xla_backend_extra_options'}
+  real = runtime.known_xla_flags
+  monkeypatch.setattr(runtime, 'known_xla_flags', lambda names: real(
+      names, library_dir=str(tmp_path)))
+  runtime.cpu_xla_flags.cache_clear()
+  try:
+    chosen = runtime.cpu_xla_flags()
+    monkeypatch.setenv('XLA_FLAGS', '')
+    runtime.set_cpu_flags()
+    assert os.environ['XLA_FLAGS'] == chosen == (
+        '--xla_backend_extra_options=xla_cpu_use_multi_output_fusion')
+  finally:
+    runtime.cpu_xla_flags.cache_clear()
+
+
+def _start_xla(xla_flags):
+  return subprocess.run(
+      [sys.executable, '-c',
+       'import jax; jax.numpy.ones(1).block_until_ready()'],
+      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags),
+      capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_xla_starts_with_the_chosen_flags_and_aborts_on_unknown_ones():
+  started = _start_xla(runtime.cpu_xla_flags())
+  assert started.returncode == 0, started.stderr
+  # Why the check exists: an unknown flag kills the process.
+  aborted = _start_xla('--xla_cpu_flag_pan_jax_made_up=1')
+  assert aborted.returncode != 0
+  assert 'Unknown flag in XLA_FLAGS' in aborted.stderr

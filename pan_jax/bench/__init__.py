@@ -24,7 +24,7 @@ Modes, and what each measures:
 Every train, infer and eval measurement, and the training run of loop, runs
 in a fresh subprocess (harness.py), so compile caches, allocator state and
 peak RSS belong to that measurement alone; on CPU the subprocesses get
-`runtime.CPU_ENV` unless `--cpu_tuning=false`. With `--peer --peer_dir=DIR`
+`runtime.cpu_env()` unless `--cpu_tuning=false`. With `--peer --peer_dir=DIR`
 the PyTorch peer (segmentation_models_pytorch's PAN, DIR/bench_smp.py) is
 measured in the same run for train and infer, alternating with pan_jax round
 by round, and the report gives the time ratio pan_jax/smp per round and its

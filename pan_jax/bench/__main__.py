@@ -101,7 +101,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('log_every', 10,
                        'loop: steps per logged (timed) interval.')
   flags.DEFINE_boolean(
-      'cpu_tuning', True, 'Measure with runtime.CPU_ENV (XLA CPU flags, '
+      'cpu_tuning', True, 'Measure with runtime.cpu_env() (XLA CPU flags, '
       "glibc huge pages); false: XLA's CPU defaults.")
   flags.DEFINE_string('json', None, 'Append the records (JSON lines) here.')
   flags.DEFINE_boolean('one', False, 'Internal: measure train, infer or one '
@@ -288,6 +288,11 @@ def main(argv: Sequence[str]) -> None:
     _append_json(FLAGS.json, [dict(r, time=time.time()) for r in records])
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-bench (= python -m pan_jax.bench)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

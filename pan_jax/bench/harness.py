@@ -20,7 +20,7 @@ from pan_jax import runtime
 PEER_SCRIPT = 'bench_smp.py'
 # One XLA CPU option at XLA's own default. runtime.start() keeps XLA_FLAGS
 # that already choose CPU options, so a child started with this (instead of
-# runtime.CPU_ENV) runs on XLA's CPU defaults, not on pan_jax's tuning.
+# runtime.cpu_env()) runs on XLA's CPU defaults, not on pan_jax's tuning.
 XLA_CPU_DEFAULTS = '--xla_cpu_multi_thread_eigen=true'
 
 Record = Dict[str, object]
@@ -30,7 +30,7 @@ def cpu_environment(tuned: bool) -> Dict[str, str]:
   """The environment of a measurement subprocess.
 
   Args:
-    tuned: True for runtime.CPU_ENV (XLA CPU flags, glibc huge pages), False
+    tuned: True for runtime.cpu_env() (XLA CPU flags, glibc huge pages), False
       for XLA's CPU defaults and the caller's malloc settings.
 
   Returns:
@@ -38,7 +38,7 @@ def cpu_environment(tuned: bool) -> Dict[str, str]:
   """
   env = dict(os.environ)
   if tuned:
-    env.update(runtime.CPU_ENV)
+    env.update(runtime.cpu_env())
   elif 'xla_cpu_multi_thread_eigen' not in env.get('XLA_FLAGS', ''):
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' +
                         XLA_CPU_DEFAULTS).strip()

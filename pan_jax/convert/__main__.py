@@ -43,6 +43,11 @@ def main(argv: Sequence[str]) -> None:
                         flag_values.output, flag_values.arch))
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-convert (= python -m pan_jax.convert)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -1,26 +1,32 @@
-"""Reads PyTorch weight files: .pth/.pt through torch, .safetensors with NumPy.
+"""Reads PyTorch weight files: .pth/.pt through torch, .safetensors directly.
 
 A raw state dict and the usual wrappers ({'state_dict': ...} from mmseg/mmcv
 and timm's trainer, {'model': ...} from torchvision's references) are
 accepted, and DataParallel's 'module.' prefix is stripped. torch is needed
-only for .pth files, and never runs pickled code (`weights_only=True`).
+only for .pth files, and never runs pickled code (`weights_only=True`);
+.safetensors files are read by the safetensors library (a dependency of
+pan_jax: small, no torch), memory-mapped.
 """
 
 import json
 import os
 import struct
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 
 from pan_jax import errors
 
-# safetensors dtype -> numpy dtype.
+# safetensors dtype -> numpy dtype: those the library's numpy reader makes
+# (bfloat16 through ml_dtypes, which jax registers with numpy). Its float8
+# types have no numpy reader; weights are not stored in them.
 SAFETENSORS_DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
     'BF16': jnp.bfloat16, 'I64': np.int64, 'I32': np.int32, 'I16': np.int16,
-    'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
+    'I8': np.int8, 'U64': np.uint64, 'U32': np.uint32, 'U16': np.uint16,
+    'U8': np.uint8, 'BOOL': np.bool_,
 }
 
 # Entries of a checkpoint dict that hold the state dict, in order of
@@ -33,7 +39,7 @@ class ConversionError(errors.UserError, ValueError):
 
 
 def read_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], str]:
-  """Reads a PyTorch state dict from .pth/.pt (torch) or .safetensors (numpy).
+  """Reads a PyTorch state dict from .pth/.pt (torch) or .safetensors.
 
   Args:
     path: the file.
@@ -62,66 +68,86 @@ def read_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], str]:
 
 
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """Parses a .safetensors file with numpy (no torch, no safetensors package).
+  """Reads a .safetensors file with the safetensors library (memory-mapped).
 
   The format: an 8-byte little-endian header length N, N bytes of JSON
   ({name: {dtype, shape, data_offsets}, '__metadata__': ...}), then the
-  tensors' bytes.
+  tensors' bytes. The header is checked here first (reading only it), so a
+  truncated or corrupted file is reported by the tensor it breaks, which the
+  library's own errors do not say; the tensors are then read by the library
+  from its memory map, one at a time.
 
   Args:
     path: the file.
 
   Returns:
-    name -> array (floating point as float32).
+    name -> array (floating point, bfloat16 included, as float32).
 
   Raises:
     ConversionError: a truncated or malformed file, naming the tensor.
   """
-  with open(path, 'rb') as f:
-    data = f.read()
-  if len(data) < 8:
-    raise ConversionError(f'{path}: not a safetensors file ({len(data)} bytes)')
-  (header_size,) = struct.unpack('<Q', data[:8])
-  if 8 + header_size > len(data):
-    raise ConversionError(
-        f'{path}: truncated or not a safetensors file (its header claims '
-        f'{header_size} bytes, the file has {len(data)} in all)')
+  names = _check_safetensors_header(path)
+  state = {}
   try:
-    header = json.loads(data[8:8 + header_size])
+    with safetensors.safe_open(path, framework='numpy') as f:
+      for name in names:
+        state[name] = _to_numpy_dtype(f.get_tensor(name))
+  except safetensors.SafetensorError as e:  # What the check above let pass.
+    raise ConversionError(f'{path}: not a valid safetensors file: {e}') from e
+  return state
+
+
+def _check_safetensors_header(path: str) -> Sequence[str]:
+  """The tensor names of a .safetensors file whose header fits the file."""
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    start = f.read(8)
+    if len(start) < 8:
+      raise ConversionError(f'{path}: not a safetensors file ({size} bytes)')
+    (header_size,) = struct.unpack('<Q', start)
+    if 8 + header_size > size:
+      raise ConversionError(
+          f'{path}: truncated or not a safetensors file (its header claims '
+          f'{header_size} bytes, the file has {size} in all)')
+    text = f.read(header_size)
+  try:
+    header = json.loads(text)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConversionError(f'{path}: unreadable safetensors header: {e}') from e
   if not isinstance(header, dict):
     raise ConversionError(f'{path}: the safetensors header is not a mapping')
-  body = memoryview(data)[8 + header_size:]
-  state = {}
+  body = size - 8 - header_size
   for name, entry in header.items():
     if name == '__metadata__':
       continue
     try:
-      dtype = np.dtype(SAFETENSORS_DTYPES[entry['dtype']])
+      code = entry['dtype']
       shape = tuple(int(d) for d in entry['shape'])
       begin, end = (int(o) for o in entry['data_offsets'])
     except (KeyError, TypeError, ValueError) as e:
       raise ConversionError(
           f'{path}: tensor {name!r} has a malformed header entry {entry!r}'
           ) from e
+    if code not in SAFETENSORS_DTYPES:
+      raise ConversionError(
+          f'{path}: tensor {name!r} has dtype {code!r}; pan_jax reads '
+          f'{", ".join(SAFETENSORS_DTYPES)} (save the weights as float32)')
+    dtype = np.dtype(SAFETENSORS_DTYPES[code])
     want = int(np.prod(shape)) * dtype.itemsize
     if not 0 <= begin <= end:
       raise ConversionError(
           f'{path}: tensor {name!r} has invalid data offsets {begin}..{end}: '
           'the file is corrupted')
-    if end > len(body):
+    if end > body:
       raise ConversionError(
           f'{path}: tensor {name!r} (shape {shape}) lies at bytes '
-          f'{begin}..{end} of the data, but the file has only {len(body)}: '
+          f'{begin}..{end} of the data, but the file has only {body}: '
           'the file is truncated')
     if end - begin != want:
       raise ConversionError(
           f'{path}: tensor {name!r} has {end - begin} bytes for shape {shape} '
-          f'{entry["dtype"]} ({want} expected): the file is corrupted')
-    array = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape)
-    state[name] = _to_numpy_dtype(array)
-  return state
+          f'{code} ({want} expected): the file is corrupted')
+  return [name for name in header if name != '__metadata__']
 
 
 def _to_numpy_dtype(array: np.ndarray) -> np.ndarray:

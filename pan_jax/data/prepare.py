@@ -192,6 +192,11 @@ def summary(path: str) -> str:
   return '\n'.join(lines)
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-prepare (= python -m pan_jax.data.prepare)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()
