@@ -71,7 +71,8 @@ def test_tpu_vm_setup_dry_run_copies_the_code_to_every_worker():
   assert '--worker=all' in setup
   assert setup[-1] == ('mkdir -p /srv/pan && tar -xzf ~/pan_jax_code.tar.gz '
                        '-C /srv/pan && cd /srv/pan && launch/setup_env.sh && '
-                       ".venv/bin/pip install -q -U 'jax[tpu]'")
+                       ".venv/bin/pip install -q -c constraints.txt -e "
+                       "'.[tpu]'")
 
 
 def test_pod_demo_dry_run():

@@ -15,6 +15,7 @@ import dataclasses
 import json
 from typing import Any
 
+from pan_jax import defaults
 from pan_jax import paths
 from pan_jax.data import builder
 from pan_jax.data import records
@@ -216,7 +217,10 @@ def dataset_dir(data_config) -> str:
   Raises:
     FileNotFoundError: not prepared, with the command that prepares it.
   """
-  key = (data_config.data_dir, data_config.name, data_config.cache_dir)
+  # A config.data made by hand (tests, notebooks) may lack the field.
+  cache_dir = (data_config.get('cache_dir') or
+               defaults.get_config().data.cache_dir)
+  key = (data_config.data_dir, data_config.name, cache_dir)
   if key in _LOCAL_COPIES:
     return _LOCAL_COPIES[key]
   path = builder.built_dir(data_config.data_dir, data_config.name)
@@ -230,7 +234,7 @@ def dataset_dir(data_config) -> str:
         f'python -m pan_jax.data.prepare --dataset={dataset} '
         f'--source_dir=SRC --data_dir={data_config.data_dir}')
   if paths.is_url(path):
-    path = builder.local_copy(path, data_config.cache_dir)
+    path = builder.local_copy(path, cache_dir)
     _LOCAL_COPIES[key] = path
   return path
 
