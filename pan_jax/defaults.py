@@ -24,6 +24,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from pan_jax import errors
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the base configuration (the paper's PAN on VOC, ResNet-101)."""
@@ -278,7 +280,7 @@ def override(config: ml_collections.ConfigDict,
     values: dotted path -> value.
 
   Raises:
-    KeyError: a path that is not a field of `config` (named).
+    ConfigError: a path that is not a field of `config` (named).
   """
   for path, value in values.items():
     *groups, field = path.split('.')
@@ -286,7 +288,8 @@ def override(config: ml_collections.ConfigDict,
     for group in groups:
       node = node[group]
     if field not in node:
-      raise KeyError(f'config.{path} is not a field of this config')
+      raise errors.ConfigError(
+          f'config.{path} is not a field of this config')
     node[field] = value
 
 

@@ -33,3 +33,27 @@ class MissingError(UserError, FileNotFoundError):
 
 class ExistsError(UserError, FileExistsError):
   """An output the user named exists already and would be overwritten."""
+
+
+class DataError(UserError, ValueError):
+  """Data the user gave (a source file, a dataset, an image) is unusable."""
+
+
+class MismatchError(UserError, ValueError):
+  """Two things the user gave do not fit together (both named in the message).
+
+  A checkpoint and a dataset, a workdir and a config, a built dataset and
+  the source it is asked to be built from.
+  """
+
+
+class StorageError(UserError, OSError):
+  """A path the user named cannot be written (the path and cause named).
+
+  A full disk, no permission, a read-only file system, a file where a
+  directory should be.
+  """
+
+
+class DivergedError(UserError, FloatingPointError):
+  """Training produced inf/NaN values (step, values, last good checkpoint)."""

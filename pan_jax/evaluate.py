@@ -245,7 +245,8 @@ def _evaluate_split(model, variables, config, meta, mesh, split, options,
                     progress, num_samples, on_batch=None):
   """evaluate_dataset, also returning overlay samples."""
   if options is None:
-    options = inference.InferenceOptions.from_config(config.eval)
+    options = inference.InferenceOptions.from_config(
+        config.eval, min_size=models.min_input_size(config))
   batch_size = global_batch_size(config.eval.batch_size, mesh)
   batches = pipeline.build_eval_iter(
       config, split=split, batch_size=batch_size // jax.process_count(),
@@ -487,6 +488,11 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
   if batch_size:
     config.eval.batch_size = batch_size
   split = split or config.data.eval_split
+  # Scores (and server files) count class ids: they must mean the same
+  # classes in the checkpoint and the dataset.
+  sources.check_classes(
+      meta, sources.get_meta(config.data), f'checkpoint {checkpoint}',
+      f'dataset {config.data.name} in {config.data.data_dir}')
   if output_format:
     submission.check_format(output_format, meta)
   labeled = sources.has_labels(config.data, split)
@@ -505,7 +511,8 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
   reports = {}
   for name, run_scales, run_flip in runs:
     options = inference.InferenceOptions.from_config(
-        config.eval, mode=mode, scales=run_scales, flip=run_flip)
+        config.eval, mode=mode, scales=run_scales, flip=run_flip,
+        min_size=models.min_input_size(config))
     config.eval.mode = options.mode  # The pipeline's canvas check reads it.
     writer = (submission.Writer(output_format, output,
                                 sources.file_names(config.data, split))

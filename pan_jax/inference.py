@@ -26,6 +26,10 @@ below keep that property through every transformation they add:
   The number of windows is the canvas's (static); windows beyond a smaller
   image's own grid have zero weight. When one window covers the image, slide
   is whole-image inference on a window-sized canvas.
+* minimum size: an input smaller than `options.min_size` on a side (a canvas
+  at scale 0.5, a small window) is padded up to it before the model sees
+  it, and the padding is cut off its output; so any scale works on any
+  image, and where the input is large enough nothing changes.
 
 Scores are softmax probabilities averaged over every (scale, flip) pair, all
 at the image's size, as in MMSegmentation's aug_test and the paper's
@@ -77,6 +81,9 @@ class InferenceOptions:
     window_stride: sliding-window stride (height, width), at most the window.
     padding: 'exact', 'divisor' or 'crop' (see the module docstring).
     size_divisor: the multiple of padding 'divisor' and 'crop'.
+    min_size: the smallest side the model accepts (models.min_input_size);
+      a smaller input (a canvas at scale 0.5, a window) is padded up to it.
+      Not a config.eval field: the caller gives it.
   """
   mode: str = 'whole'
   scales: Tuple[float, ...] = (1.0,)
@@ -85,6 +92,7 @@ class InferenceOptions:
   window_stride: Tuple[int, int] = (341, 341)
   padding: str = 'exact'
   size_divisor: int = 32
+  min_size: int = 1
 
   def __post_init__(self):
     # Configs read back from JSON hold lists; keep the dataclass hashable.
@@ -95,7 +103,8 @@ class InferenceOptions:
                        tuple(int(s) for s in self.window_stride))
     object.__setattr__(self, 'size_divisor', int(self.size_divisor))
     if self.mode not in MODES:
-      raise ValueError(f'eval mode {self.mode!r} is not one of {MODES}')
+      raise errors.ConfigError(
+          f'eval mode {self.mode!r} is not one of {MODES}')
     if self.padding not in PADDINGS:
       raise errors.ConfigError(
           f'config.eval.padding={self.padding!r} is not one of '
@@ -104,14 +113,15 @@ class InferenceOptions:
       raise errors.ConfigError('config.eval.size_divisor must be >= 1, got '
                                f'{self.size_divisor}')
     if not self.scales or any(s <= 0 for s in self.scales):
-      raise ValueError(f'eval scales must be positive, got {self.scales}')
+      raise errors.ConfigError(
+          f'eval scales must be positive, got {self.scales}')
     if len(self.window_size) != 2 or min(self.window_size) < 1:
-      raise ValueError(
+      raise errors.ConfigError(
           f'eval window_size must be (height, width) >= 1, got '
           f'{self.window_size}')
     if (len(self.window_stride) != 2 or min(self.window_stride) < 1 or
         any(s > w for s, w in zip(self.window_stride, self.window_size))):
-      raise ValueError(
+      raise errors.ConfigError(
           f'eval window_stride must be (height, width) in [1, window_size '
           f'{self.window_size}] (a larger stride leaves pixels unseen), got '
           f'{self.window_stride}')
@@ -128,7 +138,8 @@ class InferenceOptions:
     Returns:
       InferenceOptions.
     """
-    fields = {f.name: eval_config[f.name] for f in dataclasses.fields(cls)}
+    fields = {f.name: eval_config[f.name] for f in dataclasses.fields(cls)
+              if f.name in eval_config}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**fields)
 
@@ -151,6 +162,7 @@ def predict_probs(apply_fn: ApplyFn, images: jax.Array,
   """
   height, width = images.shape[1:3]
   image_sizes = image_sizes.astype(jnp.int32)
+  apply_fn = _padded_to(apply_fn, options.min_size)
   base = _slide if options.mode == 'slide' else _whole
   if options.padding != 'exact':
     apply_fn = _padded(apply_fn, options)
@@ -224,6 +236,23 @@ def flip_valid(x: jax.Array, widths: jax.Array) -> jax.Array:
                      column[None, :])  # [B, W]
   return jax.vmap(lambda image, index: jnp.take(image, index, axis=1))(
       x, source)
+
+
+def _padded_to(apply_fn: ApplyFn, min_size: int) -> ApplyFn:
+  """`apply_fn` for inputs of any size: a side below min_size is padded.
+
+  The padding lies outside every valid region, which the model ignores, so
+  where the input is at least min_size this changes nothing, and any scale
+  works on any image.
+  """
+  def padded(images, image_sizes):
+    height, width = images.shape[1:3]
+    extra_h, extra_w = max(min_size - height, 0), max(min_size - width, 0)
+    if not extra_h and not extra_w:
+      return apply_fn(images, image_sizes)
+    images = jnp.pad(images, ((0, 0), (0, extra_h), (0, extra_w), (0, 0)))
+    return apply_fn(images, image_sizes)[:, :height, :width]
+  return padded
 
 
 def _round_up(value, multiple: int):

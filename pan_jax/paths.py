@@ -51,6 +51,12 @@ def absolute(path: PathLike) -> str:
   return path if is_url(path) else os.path.abspath(path)
 
 
+def realpath(path: PathLike) -> str:
+  """`path` absolute with symbolic links resolved; URLs are kept as given."""
+  path = os.fspath(path)
+  return path if is_url(path) else os.path.realpath(path)
+
+
 def _fresh(path: PathLike) -> epath.Path:
   """epath.Path(path), with gcsfs's cached listings of it dropped."""
   result = epath.Path(path)

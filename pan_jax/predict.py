@@ -9,8 +9,10 @@ For each image (directories are searched, not recursively, for .jpg, .jpeg,
   OUT/<stem>.png: class ids, single-channel 8-bit (255 never occurs);
   OUT/<stem>_color.png: the ids as a palette PNG in the dataset's colours;
   OUT/<stem>_overlay.png: the colours blended over the image.
-A file that cannot be read (or whose stem was already used) gets an error
-naming it; the others are still processed and the exit status is 1 at the end.
+A file that cannot be read gets an error naming it; the others are still
+processed and the exit status is 1 at the end. Inputs inside OUT, or two
+inputs whose PNGs would have the same name, are refused before anything is
+written (exit status 2).
 
 Images are padded to a canvas (config.eval.canvas_size when the image fits,
 otherwise its size rounded up to a multiple of 32) and the model gets their
@@ -37,6 +39,7 @@ from PIL import Image
 
 from pan_jax import checkpoints
 from pan_jax import defaults
+from pan_jax import errors
 from pan_jax import inference
 from pan_jax import models
 from pan_jax import paths as paths_lib
@@ -245,7 +248,8 @@ def load(path: str, *, step: Optional[int] = None,
   config, meta, variables, _ = checkpoints.load(path, step)
   defaults.override(config, config_overrides or {})
   options = inference.InferenceOptions.from_config(
-      config.eval, mode=mode, scales=scales, flip=flip)
+      config.eval, mode=mode, scales=scales, flip=flip,
+      min_size=models.min_input_size(config))
   model = models.create_model(config, meta.num_classes)
   return Predictor(model, variables, options,
                    canvas_size=config.eval.canvas_size,
@@ -261,10 +265,11 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
       gs://.
 
   Returns:
-    (files, errors): files in the given order (each directory's sorted), and
-    a message for each path that does not exist.
+    (files, problems): files in the given order (each directory's sorted,
+    a file named twice once), and a message for each path that does not
+    exist.
   """
-  files, errors = [], []
+  files, problems = [], []
   for path in paths:
     if paths_lib.isdir(path):
       found = [
@@ -272,14 +277,19 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
           if name.lower().endswith(IMAGE_EXTENSIONS) and
           paths_lib.isfile(os.path.join(path, name))]
       if not found:
-        errors.append(f'{path}: directory holds no image files '
-                      f'({", ".join(IMAGE_EXTENSIONS)})')
+        problems.append(f'{path}: directory holds no image files '
+                        f'({", ".join(IMAGE_EXTENSIONS)})')
       files.extend(found)
     elif paths_lib.exists(path):
       files.append(path)
     else:
-      errors.append(f'{path}: no such file or directory')
-  return files, errors
+      problems.append(f'{path}: no such file or directory')
+  seen, unique = set(), []
+  for path in files:
+    if paths_lib.realpath(path) not in seen:
+      seen.add(paths_lib.realpath(path))
+      unique.append(path)
+  return unique, problems
 
 
 def read_image(path: str) -> np.ndarray:
@@ -288,7 +298,53 @@ def read_image(path: str) -> np.ndarray:
     with paths_lib.open_file(path) as f, Image.open(f) as image:
       return np.asarray(image.convert('RGB'))
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f'{path}: cannot read it as an image ({e})') from e
+    raise errors.DataError(f'{path}: cannot read it as an image ({e})') from e
+
+
+OUTPUT_SUFFIXES = ('', '_color', '_overlay')
+
+
+def output_names(files: Sequence[str], output: str) -> List[str]:
+  """The stem each input's PNGs are named after; refuses any clash.
+
+  Checked before anything is written: no input lies in `output` (its PNGs
+  could replace it, e.g. photo.png by the class ids of photo.png), and no
+  two inputs give the same output file (x.png and x.jpg both give x.png;
+  x_color.jpg gives x_color.png, the colour mask of x.png).
+
+  Args:
+    files: the input image files.
+    output: the output directory.
+
+  Returns:
+    The stem of each file, in order.
+
+  Raises:
+    UsageError: naming the inputs and the output file they would share.
+  """
+  out = paths_lib.realpath(output)
+  inside = [f for f in files
+            if os.path.dirname(paths_lib.realpath(f)) == out]
+  if inside:
+    raise errors.UsageError(
+        f'--output={output} holds the input {inside[0]}'
+        f'{f" and {len(inside) - 1} more" if len(inside) > 1 else ""}: '
+        'predictions written there could replace inputs. Choose another '
+        '--output.')
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  owner = {}
+  for path, stem in zip(files, stems):
+    for suffix in OUTPUT_SUFFIXES:
+      name = f'{stem}{suffix}.png'
+      if name in owner:
+        raise errors.UsageError(
+            f'{owner[name]} and {path} would both be written to '
+            f'{os.path.join(output, name)} (predict writes <stem>.png, '
+            '<stem>_color.png and <stem>_overlay.png per input). Rename one '
+            'or predict them into separate --output folders; nothing was '
+            'written.')
+      owner[name] = path
+  return stems
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
@@ -304,21 +360,23 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
 
   Returns:
     One message per path that failed (empty when all succeeded).
+
+  Raises:
+    UsageError: `output_names` refuses the inputs (nothing is written).
   """
-  files, errors = find_images(paths)
-  stems = {}
-  for path in files:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    if stem in stems:
-      errors.append(f'{path}: output name {stem!r} already used by '
-                    f'{stems[stem]}; skipped')
-      continue
+  files, problems = find_images(paths)
+  stems = output_names(files, output)
+  try:
+    paths_lib.makedirs(output)
+  except OSError as e:
+    raise errors.StorageError(
+        f'--output={output} cannot be created: {e.strerror or e}') from e
+  for path, stem in zip(files, stems):
     try:
       image = read_image(path)
     except ValueError as e:
-      errors.append(str(e))
+      problems.append(str(e))
       continue
-    stems[stem] = path
     classes = predictor(image)
     visualize.save_png(os.path.join(output, f'{stem}.png'), classes)
     visualize.save_png(os.path.join(output, f'{stem}_color.png'), classes,
@@ -329,9 +387,9 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
                           ignore_label=meta.ignore_label))
     if progress:
       logging.info('%s -> %s', path, os.path.join(output, f'{stem}.png'))
-  for message in errors:
+  for message in problems:
     logging.error('%s', message)
-  return errors
+  return problems
 
 
 def _define_flags() -> None:
@@ -367,14 +425,15 @@ def run(checkpoint: str, output: str, paths: Sequence[str], *,
                    mode=mode, config_overrides=config_overrides)
   meta = predictor.meta
   if meta.num_classes > 255:
-    raise ValueError(f'{checkpoint}: {meta.num_classes} classes do not fit '
-                     'the 8-bit class-id PNGs predict writes (at most 255)')
+    raise errors.ConfigError(
+        f'{checkpoint}: {meta.num_classes} classes do not fit the 8-bit '
+        'class-id PNGs predict writes (at most 255)')
   logging.info('Predicting with %s (step %s): %s', checkpoint, step,
                predictor.options)
-  errors = predict_files(predictor, paths, output, meta, progress=True)
-  if errors:
-    print(f'{len(errors)} input(s) failed:', file=sys.stderr)
-    for message in errors:
+  failed = predict_files(predictor, paths, output, meta, progress=True)
+  if failed:
+    print(f'{len(failed)} input(s) failed:', file=sys.stderr)
+    for message in failed:
       print(f'  {message}', file=sys.stderr)
     return 1
   return 0

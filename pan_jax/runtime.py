@@ -58,6 +58,8 @@ from absl import logging
 import jax
 from jax._src import distributed as jax_distributed
 from ml_collections import config_flags
+# is_config_flag is public in the module, not re-exported by the package.
+from ml_collections.config_flags import config_flags as ml_config_flags
 
 from pan_jax import defaults
 from pan_jax import errors
@@ -182,8 +184,14 @@ DISTRIBUTED_TIMEOUTS = (
 
 
 def _not_orbax_info(record: py_logging.LogRecord) -> bool:
-  return record.levelno >= py_logging.WARNING or '/orbax/' not in (
-      record.pathname)
+  if '/orbax/' not in record.pathname:
+    return True
+  if record.exc_info and not _show_tracebacks():
+    # A failed save is logged with its traceback by Orbax's threads, then
+    # raised in the main thread, where pan_jax reports it (a full disk as one
+    # line, a bug with its traceback): keep Orbax's line, not a second copy.
+    record.exc_info = record.exc_text = None
+  return record.levelno >= py_logging.WARNING
 
 
 def start() -> None:
@@ -252,13 +260,16 @@ class _ProcessFormatter(logging.PythonFormatter):
 def run(main: Callable[[Sequence[str]], Any]) -> None:
   """Runs a command: parses flags (absl), `start()`, then `main(argv)`.
 
-  A `pan_jax.errors.UserError` is printed as one line, `pan_jax.<command>:
-  error: <message>`, and the process exits with its exit_code (1, or 2 for
-  usage errors); PAN_JAX_TRACEBACK=1 raises it instead. Other exceptions
-  keep their traceback. With several processes, an exception caused by a
-  lost process (a collective whose peer died) is followed by a line naming
-  the lost processes, and this one exits with status 1 at once instead of
-  waiting for them at shutdown.
+  A user's mistake is printed as one line, `pan_jax.<command>: error:
+  <message>`, without a traceback: a flag that does not parse (an unknown
+  flag or --config.x field, a value of the wrong type, a config file that
+  does not load; exit status 2), a `pan_jax.errors.UserError` raised by the
+  command (its exit_code: 1, or 2 for usage errors) or absl's
+  app.UsageError (2). PAN_JAX_TRACEBACK=1 raises them instead. Other
+  exceptions are bugs and keep their traceback. With several processes,
+  an exception caused by a lost process (a collective whose peer died) is
+  followed by a line naming the lost processes, and this one exits with
+  status 1 at once instead of waiting for them at shutdown.
 
   Args:
     main: the command's main(argv); its return value is the exit status.
@@ -269,22 +280,87 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
     try:
       start()
       return main(argv)
-    except errors.UserError as e:
-      if os.environ.get('PAN_JAX_TRACEBACK') == '1':
+    except (errors.UserError, app.UsageError) as e:
+      if _show_tracebacks():
         raise
-      print(f'{_command_name()}: error: {e}', file=sys.stderr, flush=True)
-      return e.exit_code
+      _print_error(str(e))
+      return getattr(e, 'exit_code', errors.UsageError.exit_code)
     except Exception:  # pylint: disable=broad-except
       lost = lost_processes()
       if not lost:
         raise
       traceback.print_exc()
-      print(f'{_command_name()}: error: {lost}; process '
-            f'{jax.process_index()}/{jax.process_count()} stops too. Restart '
-            'the command on every host: training resumes from its last '
-            'checkpoint.', file=sys.stderr, flush=True)
+      _print_error(f'{lost}; process {jax.process_index()}/'
+                   f'{jax.process_count()} stops too. Restart the command on '
+                   'every host: training resumes from its last checkpoint.')
       os._exit(1)  # pylint: disable=protected-access  (no shutdown barrier)
-  app.run(start_then_main)
+  app.run(start_then_main, flags_parser=_parse_flags)
+
+
+def _show_tracebacks() -> bool:
+  return os.environ.get('PAN_JAX_TRACEBACK') == '1'
+
+
+def _print_error(message: str) -> None:
+  print(f'{_command_name()}: error: {message}', file=sys.stderr, flush=True)
+
+
+def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
+  """absl's flag parsing, with every way it can fail reported as one line.
+
+  --help and --helpfull still print their help and exit (absl does that
+  while parsing).
+  """
+  try:
+    remaining = flags.FLAGS(argv)
+    for name in flags.FLAGS:
+      flag = flags.FLAGS[name]
+      if ml_config_flags.is_config_flag(flag) and flag.value is not None:
+        flag.value.keys()  # A config file that failed to load raises now.
+    return remaining
+  except flags.Error as e:
+    error, message = e, f'{e} (--helpfull lists every flag)'
+  except (KeyError, AttributeError) as e:
+    # ml_collections: an override of a field the config does not have is a
+    # KeyError (wrapped in an AttributeError below the top level).
+    key_error = e
+    while isinstance(key_error, AttributeError) and key_error.args and (
+        isinstance(key_error.args[0], BaseException)):
+      key_error = key_error.args[0]
+    if not isinstance(key_error, KeyError):
+      raise
+    error, message = e, _unknown_field_message(key_error, argv)
+  except OSError as e:  # A config file that does not load.
+    error, message = e, _config_file_message(e)
+  if _show_tracebacks():
+    raise error
+  _print_error(message)
+  sys.exit(errors.UsageError.exit_code)
+
+
+def _unknown_field_message(error: KeyError, argv: Sequence[str]) -> str:
+  """'--config.a.b=1: the config has no field 'b'. Did you mean ...'."""
+  key, _, hint = str(error.args[0] if error.args else error).partition('\n')
+  key = key.strip('\'"')
+  given = [a for a in argv[1:] if a.startswith('--') and
+           key in a.split('=')[0].split('.')[1:]]
+  where = given[0] if given else 'a --config override'
+  return f'{where}: the config has no field {key!r}. {hint.strip()}'.strip()
+
+
+def _config_file_message(error: OSError) -> str:
+  """'--config=FILE: cannot load the config file (reason)'."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  reason = lines[-1] if lines else repr(error)
+  for name in flags.FLAGS:
+    flag = flags.FLAGS[name]
+    if ml_config_flags.is_config_flag(flag) and flag.present:
+      try:
+        path = config_flags.get_config_filename(flag)
+      except (TypeError, ValueError, AttributeError):
+        continue  # Not a config *file* flag.
+      return f'--{name}={path}: cannot load the config file ({reason})'
+  return f'cannot load a config file ({reason})'
 
 
 def lost_processes() -> str:

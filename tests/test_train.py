@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pan_jax import errors
 from pan_jax import optim
 from pan_jax import sharding
 from pan_jax import train
@@ -209,14 +210,14 @@ def test_workdir_contents_and_metrics(runs):
 
 def test_incompatible_workdir_is_refused(runs):
   config = _config(**{'model.decoder_channels': 8})
-  with pytest.raises(ValueError, match='model.decoder_channels: saved 16, '
-                     'now 8'):
+  with pytest.raises(errors.MismatchError, match='model.decoder_channels: '
+                     'saved 16, now 8'):
     train.train_and_evaluate(config, str(runs['root'] / 'straight'))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = _config()  # As in `runs`, so the compiled step is reused.
-  with pytest.raises(FloatingPointError) as e:
+  with pytest.raises(errors.DivergedError) as e:
     _run(config, tmp_path, _Recorder(nan_at=4))
   message = str(e.value)
   assert 'Non-finite training values at step 4' in message
@@ -238,9 +239,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
      'fake/val'),
 ])
 def test_config_guards(tmp_path, overrides, message):
-  with pytest.raises(ValueError) as e:
+  with pytest.raises(errors.ConfigError) as e:
     train.train_and_evaluate(_config(**overrides), str(tmp_path))
   assert message in str(e.value)
+  assert e.value.exit_code == 1  # A user error: one line, status 1.
   assert not os.path.exists(tmp_path / 'checkpoints')  # Failed before.
 
 

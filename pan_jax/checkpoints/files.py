@@ -52,7 +52,7 @@ def read_json(path: str) -> Dict[str, Any]:
   try:
     return json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON: {e}') from e
+    raise errors.DataError(f'{path} is not valid JSON: {e}') from e
 
 
 def read_config(directory: str) -> ml_collections.ConfigDict:

@@ -36,6 +36,7 @@ from flax import traverse_util
 import ml_collections
 import numpy as np
 
+from pan_jax import errors
 from pan_jax import paths
 from pan_jax.checkpoints import exported
 from pan_jax.checkpoints import files
@@ -76,14 +77,14 @@ def read_info(path: str) -> Dict[str, Any]:
       return {'kind': 'network',
               'source': {'format': kind, 'arch': model.get('backbone')},
               'model': {k: model[k] for k in ARCH_FIELDS if k in model}}
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f'{path} is not a converted checkpoint ({info_path} is missing; make '
         'one with `python -m pan_jax.convert`), an inference checkpoint or a '
         'training workdir')
   info = files.read_json(info_path)
   if info.get('kind') not in KINDS:
-    raise ValueError(f'{info_path}: kind must be one of {KINDS}, got '
-                     f'{info.get("kind")!r}')
+    raise errors.DataError(f'{info_path}: kind must be one of {KINDS}, '
+                           f'got {info.get("kind")!r}')
   return info
 
 
@@ -118,8 +119,8 @@ def save(output: str, variables: Mapping[str, Any], info: Mapping[str, Any],
   """
   output = paths.absolute(output)
   if paths.exists(output):
-    raise FileExistsError(f'--output={output} already exists; choose a new '
-                          'directory or remove it')
+    raise errors.ExistsError(f'--output={output} already exists; choose a '
+                             'new directory or remove it')
   if config is not None:
     exported.save(output, config, meta, dict(variables),
                   source=info['source']['file'])
@@ -174,7 +175,7 @@ def check_config(info: Mapping[str, Any], model_config: Any,
   wrong = [f'model.{k}={model_config[k]!r} (the weights need {need[k]!r})'
            for k in ARCH_FIELDS if k in need and model_config[k] != need[k]]
   if wrong:
-    raise ValueError(
+    raise errors.MismatchError(
         f'{path} holds {_describe_source(info)}, which this config cannot '
         f'load: {"; ".join(wrong)}. Use {required_overrides(info)}.')
   config_path = os.path.join(path, files.CONFIG_FILE)
@@ -190,7 +191,7 @@ def check_config(info: Mapping[str, Any], model_config: Any,
   wrong = [f'{k}={current.get(k, "<absent>")!r} (the network has '
            f'{saved.get(k, "<absent>")!r})' for k in differing if k not in free]
   if wrong:
-    raise ValueError(
+    raise errors.MismatchError(
         f'{path} holds {_describe_source(info)} whose config.model differs '
         f'from this run\'s: {"; ".join(wrong)}. Start from its config.json '
         '(for converted smp models: --config=configs/smp_pan.py:BACKBONE).')
@@ -249,19 +250,19 @@ def load_pretrained(variables: Mapping[str, Any], path: str,
   # Shape mismatches first: they say most about a wrong config.
   for key in covered:
     if key in source and tuple(target[key].shape) != tuple(source[key].shape):
-      raise ValueError(
+      raise errors.MismatchError(
           f'{"/".join(key)}: {path} has shape {tuple(source[key].shape)}, '
           f'the model expects {tuple(target[key].shape)}{hint}')
   missing = [k for k in covered if k not in source]
   if missing:
-    raise ValueError(
+    raise errors.MismatchError(
         f'{path} has no array for the model\'s {"/".join(missing[0])} '
         f'(shape {tuple(target[missing[0]].shape)}); {len(missing)} missing '
         f'in all{hint}')
   covered_set = set(covered)
   extra = [k for k in source if k not in covered_set]
   if extra:
-    raise ValueError(
+    raise errors.MismatchError(
         f'{path} holds {"/".join(extra[0])} (shape '
         f'{tuple(source[extra[0]].shape)}), which the model does not have; '
         f'{len(extra)} such arrays in all{hint}')

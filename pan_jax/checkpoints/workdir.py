@@ -25,7 +25,9 @@ worker count: then the iterator starts afresh and the user is told.
 
 import json
 import os
+import re
 import signal
+import tempfile
 from typing import Any, Optional
 
 from absl import logging
@@ -38,6 +40,7 @@ import orbax.checkpoint as ocp
 from pan_jax import errors
 from pan_jax import paths
 from pan_jax.checkpoints import files
+from pan_jax.data import sources
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -65,11 +68,12 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
   """
   every = config.checkpoint_every_steps
   if every <= 0:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.checkpoint_every_steps must be positive, got {every}.')
   if config.max_checkpoints_to_keep <= 0:
-    raise ValueError('config.max_checkpoints_to_keep must be positive, got '
-                     f'{config.max_checkpoints_to_keep}.')
+    raise errors.ConfigError(
+        'config.max_checkpoints_to_keep must be positive, got '
+        f'{config.max_checkpoints_to_keep}.')
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policies.AnySavePolicy([
@@ -123,12 +127,119 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   Returns:
     Whether a save was started.
   """
-  return manager.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.PyTreeSave(state),
-          data_iter=grain.checkpoint.CheckpointSave(data_iter)),
-      force=force)
+  try:
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter)),
+        force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, step, e) from e
+
+
+def check_saved(manager: ocp.CheckpointManager, step: Optional[int],
+                block: bool = True) -> bool:
+  """Raises StorageError if the asynchronous save of `step` failed.
+
+  Orbax writes in background threads and raises a failure only when it is
+  next waited for; the training loop calls this every step (block=False) so
+  that a run whose checkpoint could not be written stops right away instead
+  of training on, and at the end (block=True). With several processes the
+  non-blocking check does nothing: every process must stop at the same step,
+  and they all wait at the next save.
+
+  Args:
+    manager: from `create_manager`.
+    step: the step of the last save started (None: none was).
+    block: wait for a save in progress; else return while one is.
+
+  Returns:
+    True if the save is complete (or step is None), False if it is still
+    being written (block=False only).
+
+  Raises:
+    StorageError: the save failed for a reason of the file system (full
+      disk, no permission, ...); the message names the path, the cause and
+      the last complete checkpoint, which the failed save left as it was.
+    Exception: any other failure, as Orbax raised it (a bug).
+  """
+  if step is None:
+    return True
+  if not block and (jax.process_count() > 1 or
+                    manager.is_saving_in_progress()):
+    return False
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, step, e) from e
+  return True
+
+
+def close_manager(manager: ocp.CheckpointManager,
+                  raise_errors: bool = True) -> None:
+  """Waits for the save in progress, then closes `manager`.
+
+  Orbax raises a failed save again when closing: it is turned into one
+  StorageError as in `check_saved`.
+
+  Args:
+    manager: from `create_manager`.
+    raise_errors: raise a failure; False when another error is already on
+      its way to the user (a failed save is then its cause, or secondary to
+      it, and is not reported twice; anything else is logged).
+  """
+  failure = None
+  for finish in (manager.wait_until_finished, manager.close):
+    try:
+      finish()
+    except Exception as e:  # pylint: disable=broad-except
+      failure = failure or (e, _save_failed(manager, None, e))
+  if failure is None:
+    return
+  cause, error = failure
+  if raise_errors:
+    raise error from cause
+  if not isinstance(error, errors.StorageError):
+    logging.warning('Closing the checkpoints also failed: %r', cause)
+
+
+# "... [os_error_code='28']" in the errors tensorstore raises for local files.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_FAILED_PATH = re.compile(r'(?:Failed writing|Error writing local file|'
+                          r'Error opening|local file) "([^"]+)"')
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: Optional[int],
+                 error: Exception) -> Exception:
+  """The error to raise for a failed save: StorageError, or `error` itself.
+
+  A file-system failure (an OSError, or a tensorstore error carrying an OS
+  error code) becomes one StorageError naming the path and the cause; any
+  other exception is returned unchanged, to keep its traceback.
+  """
+  text = str(error)
+  code = _OS_ERROR_CODE.search(text)
+  if isinstance(error, OSError) and error.errno:
+    cause = f'{error.strerror or os.strerror(error.errno)}'
+    where = error.filename or ''
+  elif code:
+    cause = os.strerror(int(code.group(1)))
+    found = _FAILED_PATH.search(text)
+    where = found.group(1) if found else ''
+  else:
+    return error
+  directory = str(manager.directory)
+  complete = [s for s in manager.all_steps() if s != step]
+  last = (f'the last complete checkpoint, step {max(complete)}, is as it was'
+          if complete else 'there is no complete checkpoint yet')
+  writing = f' (writing {where})' if where else ''
+  which = f'the checkpoint of step {step}' if step is not None else (
+      'a checkpoint')
+  return errors.StorageError(
+      f'saving {which} in {directory} failed: {cause}{writing}. The run '
+      f'stopped; {last}. Free space or fix the directory, then rerun the '
+      'same command to resume.')
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int,
@@ -238,6 +349,36 @@ def is_workdir(path: str) -> bool:
           paths.isdir(os.path.join(path, CHECKPOINT_DIR)))
 
 
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written in it.
+
+  Fails before anything is compiled, naming the directory: a file where the
+  directory should be, a parent that cannot be created, no permission, a
+  read-only file system, a full disk. (A gs:// workdir is not probed.)
+
+  Args:
+    workdir: the training workdir (--workdir).
+
+  Raises:
+    StorageError: `workdir` is not a directory that can be written.
+  """
+  if paths.is_url(workdir):
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.StorageError(
+        f'--workdir={workdir} is a file; expected a directory (new or a '
+        'training workdir to resume)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir) as probe:
+      probe.write(b'0')
+      probe.flush()
+  except OSError as e:
+    raise errors.StorageError(
+        f'--workdir={workdir} cannot be written: {e.strerror or e}'
+        f'{f" ({e.filename})" if e.filename else ""}') from e
+
+
 def save_run_info(workdir: str, config: ml_collections.ConfigDict,
                   meta: Any) -> None:
   """Writes WORKDIR/config.json and WORKDIR/dataset.json (process 0 only)."""
@@ -245,20 +386,25 @@ def save_run_info(workdir: str, config: ml_collections.ConfigDict,
     files.write_config_and_meta(workdir, config, meta)
 
 
-def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_compatible(workdir: str, config: ml_collections.ConfigDict,
+                     meta: Any = None) -> None:
   """Refuses to resume a workdir whose checkpoints came from another model.
 
   Compares `config` with WORKDIR/config.json on RESUME_INVARIANT_FIELDS and
-  logs every other difference. Does nothing for a workdir without
-  checkpoints.
+  logs every other difference; compares the dataset's classes with
+  WORKDIR/dataset.json (a classifier for 3 classes cannot resume on 5, and a
+  model trained on other class names would silently learn a new meaning).
+  Does nothing for a workdir without checkpoints.
 
   Args:
     workdir: the training workdir.
     config: this run's configuration.
+    meta: this run's DatasetMeta (None: classes are not compared).
 
   Raises:
-    ValueError: checkpoints exist and an invariant field differs, or
-      config.json is missing or unreadable.
+    MismatchError: checkpoints exist and an invariant field or the classes
+      differ.
+    ConfigError: config.json (or dataset.json) is missing or unreadable.
   """
   checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
   has_checkpoints = paths.isdir(checkpoints) and any(
@@ -269,7 +415,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   try:
     saved = files.flatten(files.read_json(path))
   except (OSError, ValueError) as e:
-    raise ValueError(
+    raise errors.ConfigError(
         f'{checkpoints} holds checkpoints but {path} cannot be read ({e}), so '
         'they cannot be checked against this config. Use a new --workdir, or '
         'restore config.json.') from e
@@ -284,10 +430,21 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     lines = '\n'.join(
         f'  {k}: saved {saved.get(k, "<absent>")!r}, now '
         f'{current.get(k, "<absent>")!r}' for k in invariant)
-    raise ValueError(
+    raise errors.MismatchError(
         f'{workdir} holds checkpoints of a run with another model or '
         f'training data, so it cannot be resumed with this config:\n{lines}\n'
         'Use a new --workdir (or the saved values) instead.')
+  if meta is not None:
+    try:
+      saved_meta = files.read_meta(workdir)
+    except (OSError, ValueError, KeyError) as e:
+      raise errors.ConfigError(
+          f'{checkpoints} holds checkpoints but '
+          f'{os.path.join(workdir, files.DATASET_FILE)} cannot be read ({e}), '
+          'so their classes cannot be checked against the dataset. Use a new '
+          '--workdir.') from e
+    sources.check_classes(saved_meta, meta, f'workdir {workdir}',
+                          f'dataset {meta.name} in {config.data.data_dir}')
   for k in differing:
     logging.warning('Resuming %s with %s changed: %r -> %r.', workdir, k,
                     saved.get(k, '<absent>'), current.get(k, '<absent>'))

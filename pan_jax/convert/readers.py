@@ -10,6 +10,7 @@ pan_jax: small, no torch), memory-mapped.
 
 import json
 import os
+import re
 import struct
 from typing import Any, Dict, Mapping, Sequence, Tuple
 
@@ -166,13 +167,19 @@ def _read_torch(path: str) -> Tuple[Dict[str, np.ndarray], str]:
         f'reading {path} needs PyTorch (pip install -r '
         'requirements-torch.txt), or convert it to .safetensors elsewhere'
         ) from e
+  _check_torch_file(path)
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    # weights_only refuses pickled code (UnpicklingError); a truncated or
-    # corrupted zip archive raises RuntimeError. Either way, say which file.
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+    # weights_only refuses a pickled object that is not a tensor ("Unsupported
+    # global"); a truncated or corrupted file raises RuntimeError, EOFError or
+    # an UnpicklingError whose text also mentions weights_only. Either way,
+    # say which file and which of the two it is.
+    text = str(e).strip()
+    detail = text.splitlines()[0] if text else type(e).__name__
+    pickled = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+    if pickled:
+      detail = f'it holds a pickled {pickled.group(1)}'
       hint = (' The file pickles Python objects besides tensors; re-save '
               'only the weights: torch.save(model.state_dict(), FILE).')
     else:
@@ -188,6 +195,26 @@ def _read_torch(path: str) -> Tuple[Dict[str, np.ndarray], str]:
       tensor = tensor.to(torch.float32)
     state[key] = tensor.numpy().copy()
   return state, note
+
+
+# torch.save writes a zip archive; before PyTorch 1.6 it wrote a pickle
+# (protocol 2: first byte 0x80).
+_ZIP_MAGIC = b'PK\x03\x04'
+_PICKLE_MAGIC = b'\x80'
+
+
+def _check_torch_file(path: str) -> None:
+  """ConversionError unless `path` starts like a file torch.save writes."""
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  if not head:
+    raise ConversionError(f'{path} is empty (0 bytes): not a PyTorch '
+                          'checkpoint')
+  if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+    raise ConversionError(
+        f'{path} is not a PyTorch checkpoint: torch.save writes a zip archive '
+        f'(or, before PyTorch 1.6, a pickle), but the file starts with bytes '
+        f'{head.hex(" ")}. Is it another format, or damaged?')
 
 
 def _unwrap(obj: Any, path: str, torch: Any) -> Tuple[Dict[str, Any], str]:

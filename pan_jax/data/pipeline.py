@@ -37,6 +37,7 @@ from typing import Any, Optional
 from absl import flags
 import grain
 import numpy as np
+from pan_jax import errors
 from pan_jax.data import records
 from pan_jax.data import sources
 from pan_jax.data import transforms
@@ -65,8 +66,9 @@ def build_train_iter(config, process_index: int = 0, process_count: int = 1):
   batch_size = _per_process(config.global_batch_size, process_count)
   source = sources.open_split(data, data.train_split)
   if len(source) < process_count:
-    raise ValueError(f'split {data.train_split!r} has {len(source)} examples, '
-                     f'fewer than the {process_count} processes')
+    raise errors.DataError(
+        f'split {data.train_split!r} has {len(source)} examples, fewer than '
+        f'the {process_count} processes')
   dataset = grain.MapDataset.source(source)
   dataset = dataset.shuffle(seed=config.seed)
   dataset = dataset.repeat()
@@ -156,7 +158,7 @@ def build_eval_iter(config, split: Optional[str] = None,
   check_eval_canvas(config, split)
   source = sources.open_split(config.data, split)
   if not len(source):
-    raise ValueError(f'split {split!r} of {config.data.name} is empty')
+    raise errors.DataError(f'split {split!r} of {config.data.name} is empty')
   indices = list(range(process_index, len(source), process_count))
   # The largest share has ceil(n / process_count) examples.
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
@@ -222,8 +224,9 @@ class _KeepKeys(grain.transforms.Map):
 
 def _per_process(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible '
-                     f'by the process count {process_count}')
+    raise errors.ConfigError(
+        f'global_batch_size={global_batch_size} is not divisible by the '
+        f'process count {process_count}')
   return global_batch_size // process_count
 
 

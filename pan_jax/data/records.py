@@ -25,14 +25,19 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from pan_jax import errors
+
 IGNORE_LABEL = 255
 # PNG signature (8) + IHDR length (4) + 'IHDR' (4) + width (4) + height (4).
 _PNG_BIT_DEPTH_OFFSET = 24
 _PNG_COLOUR_TYPE_RGB = 2
 
 
-class BadInputError(ValueError):
+class BadInputError(errors.DataError):
   """A source file is not what the dataset needs.
+
+  When one stops a build (prepare without --skip_bad), its message says
+  that --skip_bad would skip it, unless skipping cannot help.
 
   Attributes:
     path: the offending file (or folder).
@@ -45,7 +50,9 @@ class BadInputError(ValueError):
     self.path = str(path)
     self.problem = problem
     self.skippable = skippable
-    super().__init__(f'{self.path}: {problem}')
+    hint = (' (--skip_bad skips such examples and lists them at the end; '
+            'nothing was written)' if skippable else '')
+    super().__init__(f'{self.path}: {problem}{hint}')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from pan_jax import defaults
+from pan_jax import errors
 from pan_jax import paths
 from pan_jax.data import builder
 from pan_jax.data import records
@@ -65,6 +66,40 @@ class DatasetMeta:
                              for colour in fields['palette']),
                ignore_label=int(fields.get('ignore_label',
                                            records.IGNORE_LABEL)))
+
+
+def check_classes(expected: DatasetMeta, found: DatasetMeta,
+                  expected_what: str, found_what: str) -> None:
+  """Raises MismatchError unless two datasets have the same classes.
+
+  The same number of classes with the same names in the same order: a model
+  trained on one is then scored, resumed or used on the other with the
+  class ids meaning the same things.
+
+  Args:
+    expected: e.g. the metadata saved with a checkpoint.
+    found: e.g. the metadata of the dataset it is used with.
+    expected_what: what `expected` belongs to, for the message ('checkpoint
+      RUN').
+    found_what: what `found` belongs to ('dataset folder in DATA').
+
+  Raises:
+    MismatchError: naming both and both class lists.
+  """
+  mine, theirs = list(expected.class_names), list(found.class_names)
+  if expected.num_classes == found.num_classes and mine == theirs:
+    return
+  if expected.num_classes != found.num_classes:
+    problem = (f'{expected_what} has {expected.num_classes} classes but '
+               f'{found_what} has {found.num_classes}')
+  else:
+    first = next(k for k, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    problem = (f'{expected_what} and {found_what} have {found.num_classes} '
+               f'classes each but other class names (class {first} is '
+               f'{mine[first]!r} in one, {theirs[first]!r} in the other)')
+  raise errors.MismatchError(
+      f'{problem}: {expected_what} classes {mine}, {found_what} classes '
+      f'{theirs}. They must be the same classes in the same order.')
 
 
 def get_meta(data_config) -> DatasetMeta:
@@ -138,7 +173,7 @@ def open_split(data_config, split: str):
     return FakeSource(_fake_split(split))
   tfds_builder = _tfds_builder(data_config)
   if split not in tfds_builder.info.splits:
-    raise ValueError(
+    raise errors.ConfigError(
         f'dataset {data_config.name} at {tfds_builder.data_dir} has no split '
         f'{split!r}; it has {sorted(tfds_builder.info.splits.keys())}')
   return TfdsSource(tfds_builder.as_data_source(split=split))
@@ -227,7 +262,7 @@ def dataset_dir(data_config) -> str:
   if path is None:
     dataset = (data_config.name if data_config.name in PREPARED_DATASETS
                else 'voc2012_aug|cityscapes|folder|synthetic')
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f'dataset {data_config.name!r} is not prepared in '
         f'{paths.absolute(data_config.data_dir)} (no '
         f'{data_config.name}/<version>/{builder.INFO_FILE}). Build it with: '
@@ -245,7 +280,7 @@ def _tfds_builder(data_config):
 
 def _fake_split(split: str) -> str:
   if split not in FAKE_SPLITS:
-    raise ValueError(f"dataset 'fake' has no split {split!r}; it has "
+    raise errors.ConfigError(f"dataset 'fake' has no split {split!r}; it has "
                      f'{sorted(FAKE_SPLITS)}')
   return split
 

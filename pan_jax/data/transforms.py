@@ -14,6 +14,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from pan_jax import errors
 from pan_jax.data import records
 
 # ImageNet statistics in 0..255 pixel units, RGB.
@@ -163,7 +164,7 @@ def check_canvas_holds(size: Sequence[int], canvas: Sequence[int],
     return
   want = tuple(-(-max(side, limit) // 32) * 32
                for side, limit in zip((height, width), canvas))
-  raise ValueError(
+  raise errors.ConfigError(
       f'config.eval.canvas_size={canvas} cannot hold {what} ({height}x{width},'
       ' HxW): it is larger than the evaluation canvas, and evaluation pads '
       'every image to the canvas (sliding windows too run over the padded '
