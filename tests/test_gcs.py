@@ -89,7 +89,7 @@ def test_prepare_into_a_bucket_and_read_its_local_copy(synthetic_in_bucket,
   assert builder.INFO_FILE in paths.listdir(remote)
   # Again: already built, nothing rebuilt.
   assert prepare.prepare('synthetic', str(tmp_path / 'src'), data_dir,
-                         cache_dir=build_cache)[3]
+                         num_train=6, num_val=3, cache_dir=build_cache)[3]
   config = smoke.get_config()
   config.data.name = 'synthetic'
   config.data.data_dir = data_dir
@@ -107,6 +107,11 @@ def test_prepare_into_a_bucket_and_read_its_local_copy(synthetic_in_bucket,
   assert not paths.mirror(remote,
                           paths.cache_path(build_cache, remote),
                           builder.INFO_FILE)
+  # --overwrite rebuilds it (another val split) and replaces the bucket's.
+  prepare.prepare('synthetic', str(tmp_path / 'src4'), data_dir, num_train=6,
+                  num_val=4, cache_dir=build_cache, overwrite=True)
+  config.data.cache_dir = str(tmp_path / 'cache4')
+  assert len(sources.open_split(config.data, 'val')) == 4
 
 
 def test_an_interrupted_dataset_upload_is_not_a_dataset(gcs_bucket, tmp_path,
