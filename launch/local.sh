@@ -3,13 +3,16 @@
 # pan_jax.main, each with its own CPU devices, joined by jax.distributed over
 # a coordinator on 127.0.0.1 -- the way every host of a pod runs it.
 #   launch/local.sh --config=configs/smoke.py --workdir=RUN [--config.x=y ...]
+#   MODULE=pan_jax.evaluate launch/local.sh --checkpoint=RUN [...]
 # Environment:
+#   MODULE               the command's module (default pan_jax.main)
 #   NUM_PROCESSES        processes (default 2)
 #   DEVICES_PER_PROCESS  CPU devices of each process (default 4)
 #   PYTHON               interpreter (default .venv/bin/python)
 #   COORDINATOR_PORT     coordinator port on 127.0.0.1 (default: a free one)
 #   LOG_DIR              write process i's output to LOG_DIR/process_i.log
-#                        (default: all processes print here)
+#                        and its pid to LOG_DIR/process_i.pid (default: all
+#                        processes print here)
 #   KILL_AFTER           seconds the others get between SIGTERM and SIGKILL
 #                        once one process has failed (default 10)
 #   DRY_RUN=1            print one command line per process instead
@@ -20,6 +23,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$root/.venv/bin/python}
+module=${MODULE:-pan_jax.main}
 num=${NUM_PROCESSES:-2}
 devices=${DEVICES_PER_PROCESS:-4}
 kill_after=${KILL_AFTER:-10}
@@ -56,7 +60,7 @@ command_of() {  # Sets `cmd` to the command line of process $1 (flags: $2...).
        "PAN_JAX_NUM_PROCESSES=$num" "PAN_JAX_PROCESS_ID=$index"
        JAX_PLATFORMS=cpu
        "XLA_FLAGS=$xla_flags"
-       "$python" -m pan_jax.main "$@")
+       "$python" -m "$module" "$@")
 }
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
@@ -122,6 +126,7 @@ for ((i = 0; i < num; i++)); do
   fi
   index_of[$!]=$i
   running+=("$!")
+  if [ -n "${LOG_DIR:-}" ]; then echo "$!" >"$LOG_DIR/process_$i.pid"; fi
 done
 
 while ((${#running[@]})); do

@@ -167,8 +167,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Dataset: 'voc2012_aug', 'cityscapes', 'folder', 'synthetic' (tfds datasets
   # built by `python -m pan_jax.data.prepare`), or 'fake' (in memory; tests).
   data.name = 'voc2012_aug'
-  # Directory holding the prepared tfds datasets.
+  # Directory holding the prepared tfds datasets (local or gs://).
   data.data_dir = 'data'
+  # Local directory where a gs:// data_dir's dataset is copied once per host
+  # (verified, shared by the host's processes) and read from.
+  data.cache_dir = '~/.cache/pan_jax/data'
   # Splits used for training and validation.
   data.train_split = 'train_aug'
   data.eval_split = 'val'

@@ -54,6 +54,7 @@ from pan_jax import errors
 from pan_jax import inference
 from pan_jax import metrics
 from pan_jax import models
+from pan_jax import paths
 from pan_jax import runtime
 from pan_jax import sharding
 from pan_jax import submission
@@ -349,13 +350,12 @@ def format_table(result: Dict[str, Any], class_names: Sequence[str]) -> str:
 def write_outputs(output: str, result: Dict[str, Any], meta: Any,
                   samples: Sequence[Dict[str, Any]],
                   extra: Dict[str, Any]) -> None:
-  """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png."""
-  os.makedirs(output, exist_ok=True)
+  """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png.
+
+  OUT may be local or gs://; each file is written atomically.
+  """
   text = json.dumps(report(result, meta, **extra), indent=2)
-  temporary = os.path.join(output, f'.{REPORT_FILE}.tmp')
-  with open(temporary, 'w') as f:
-    f.write(text + '\n')
-  os.replace(temporary, os.path.join(output, REPORT_FILE))
+  paths.write_bytes(os.path.join(output, REPORT_FILE), (text + '\n').encode())
   visualize.save_png(
       os.path.join(output, CONFUSION_FILE),
       visualize.confusion_image(result['confusion_matrix'], meta.class_names))
@@ -524,7 +524,7 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
                                       split, options, progress=progress,
                                       num_samples=num_overlays,
                                       on_batch=writer)
-    extra = {'checkpoint': os.path.abspath(checkpoint), 'step': step,
+    extra = {'checkpoint': paths.absolute(checkpoint), 'step': step,
              'dataset': config.data.name, 'split': split,
              'mode': options.mode, 'scales': list(options.scales),
              'flip': options.flip, 'padding': options.padding,
@@ -547,7 +547,7 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
     return reports[None]
   if jax.process_index() == 0:
     checkpoints.files.write_json(os.path.join(output, PROTOCOLS_FILE), {
-        'checkpoint': os.path.abspath(checkpoint), 'step': step,
+        'checkpoint': paths.absolute(checkpoint), 'step': step,
         'split': split, 'protocols': [
             {key: rep[key] for key in (
                 'protocol', 'scales', 'flip', 'padding', 'miou',

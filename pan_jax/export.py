@@ -52,6 +52,7 @@ from pan_jax import checkpoints
 from pan_jax import defaults
 from pan_jax import errors
 from pan_jax import models
+from pan_jax import paths
 from pan_jax import runtime
 from pan_jax.checkpoints import files
 from pan_jax.data import transforms
@@ -141,10 +142,9 @@ def _specs(variables: Dict[str, Any]) -> Dict[str, Any]:
 
 def load_stablehlo(path: str) -> jax.export.Exported:
   """Deserializes EXPORT/model.stablehlo (or the file `path`)."""
-  if os.path.isdir(path):
+  if paths.isdir(path):
     path = os.path.join(path, STABLEHLO_FILE)
-  with open(path, 'rb') as f:
-    return jax.export.deserialize(bytearray(f.read()))
+  return jax.export.deserialize(bytearray(paths.read_bytes(path)))
 
 
 # How to serve the --serving artefact with jax and orbax only (model.json's
@@ -186,7 +186,7 @@ def write_stablehlo(path: str, exported: jax.export.Exported,
     meta: its DatasetMeta.
     serving: whether `exported` is the serving artefact.
   """
-  files.write_bytes(os.path.join(path, STABLEHLO_FILE), exported.serialize())
+  paths.write_bytes(os.path.join(path, STABLEHLO_FILE), exported.serialize())
   common = {
       'variables': (f'the tree in {files.VARIABLES_DIR}/ '
                     '({params, batch_stats})'),
@@ -265,13 +265,17 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
   Returns:
     The exported step.
   """
+  if jax.process_count() > 1:
+    raise errors.UsageError(
+        'export writes one directory from one process: run it on one host, '
+        'without PAN_JAX_DISTRIBUTED=1')
   if serving_logits and not serving:
     raise errors.UsageError('--serving_logits needs --serving')
   config, meta, variables, step = checkpoints.load(checkpoint, step)
   defaults.override(config, config_overrides or {})
-  output = os.path.abspath(output)
+  output = paths.absolute(output)
   checkpoints.exported.save(output, config, meta, variables, step=step,
-                            source=os.path.abspath(checkpoint))
+                            source=paths.absolute(checkpoint))
   logging.info('Wrote the inference checkpoint (step %s) to %s', step, output)
   if stablehlo:
     model = models.create_model(config, meta.num_classes)
@@ -304,7 +308,7 @@ def main(argv: Sequence[str]) -> None:
              config_overrides=runtime.config_overrides(),
              serving=flag_values.serving,
              serving_logits=flag_values.serving_logits)
-  print(f'exported step {step} to {os.path.abspath(flag_values.output)}',
+  print(f'exported step {step} to {paths.absolute(flag_values.output)}',
         file=sys.stdout)
 
 

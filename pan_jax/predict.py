@@ -42,6 +42,7 @@ from pan_jax import defaults
 from pan_jax import errors
 from pan_jax import inference
 from pan_jax import models
+from pan_jax import paths as paths_lib
 from pan_jax import runtime
 from pan_jax import visualize
 from pan_jax.data import transforms
@@ -260,7 +261,8 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
   """Expands directories into their image files.
 
   Args:
-    paths: files (taken whatever their extension) and directories.
+    paths: files (taken whatever their extension) and directories, local or
+      gs://.
 
   Returns:
     (files, problems): files in the given order (each directory's sorted,
@@ -269,23 +271,23 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
   """
   files, problems = [], []
   for path in paths:
-    if os.path.isdir(path):
-      found = sorted(
-          os.path.join(path, name) for name in os.listdir(path)
+    if paths_lib.isdir(path):
+      found = [
+          os.path.join(path, name) for name in paths_lib.listdir(path)
           if name.lower().endswith(IMAGE_EXTENSIONS) and
-          os.path.isfile(os.path.join(path, name)))
+          paths_lib.isfile(os.path.join(path, name))]
       if not found:
         problems.append(f'{path}: directory holds no image files '
                         f'({", ".join(IMAGE_EXTENSIONS)})')
       files.extend(found)
-    elif os.path.exists(path):
+    elif paths_lib.exists(path):
       files.append(path)
     else:
       problems.append(f'{path}: no such file or directory')
   seen, unique = set(), []
   for path in files:
-    if os.path.realpath(path) not in seen:
-      seen.add(os.path.realpath(path))
+    if paths_lib.realpath(path) not in seen:
+      seen.add(paths_lib.realpath(path))
       unique.append(path)
   return unique, problems
 
@@ -293,7 +295,7 @@ def find_images(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
 def read_image(path: str) -> np.ndarray:
   """uint8 RGB [H, W, 3]; raises ValueError naming the file if unreadable."""
   try:
-    with Image.open(path) as image:
+    with paths_lib.open_file(path) as f, Image.open(f) as image:
       return np.asarray(image.convert('RGB'))
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise errors.DataError(f'{path}: cannot read it as an image ({e})') from e
@@ -320,9 +322,9 @@ def output_names(files: Sequence[str], output: str) -> List[str]:
   Raises:
     UsageError: naming the inputs and the output file they would share.
   """
-  out = os.path.realpath(output)
+  out = paths_lib.realpath(output)
   inside = [f for f in files
-            if os.path.dirname(os.path.realpath(f)) == out]
+            if os.path.dirname(paths_lib.realpath(f)) == out]
   if inside:
     raise errors.UsageError(
         f'--output={output} holds the input {inside[0]}'
@@ -352,7 +354,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
   Args:
     predictor: a Predictor.
     paths: image files and directories.
-    output: output directory (created).
+    output: output directory (local or gs://).
     meta: DatasetMeta (palette, ignore_label).
     progress: log each file.
 
@@ -365,7 +367,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
   files, problems = find_images(paths)
   stems = output_names(files, output)
   try:
-    os.makedirs(output, exist_ok=True)
+    paths_lib.makedirs(output)
   except OSError as e:
     raise errors.StorageError(
         f'--output={output} cannot be created: {e.strerror or e}') from e

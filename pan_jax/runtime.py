@@ -24,7 +24,15 @@ every host of a TPU pod slice:
   VMs, SLURM, MPI) configure themselves; elsewhere set
   JAX_COORDINATOR_ADDRESS, PAN_JAX_NUM_PROCESSES and PAN_JAX_PROCESS_ID on
   every process. It is never called otherwise: it fails on a single host
-  that is not a TPU.
+  that is not a TPU. A process that dies (kill -9, a lost host) stops
+  beating; after PAN_JAX_HEARTBEAT_TIMEOUT seconds (default 20; jax's own is
+  100) the coordinator declares it dead and every other process exits with
+  an error naming it, instead of waiting in a collective for ever.
+  PAN_JAX_SHUTDOWN_TIMEOUT (default 60) bounds the wait for the others at
+  exit, PAN_JAX_INIT_TIMEOUT (default 300) the wait for them at start.
+* Logging with several processes: every line carries `[process i/n]`, and
+  processes other than 0 log warnings and errors only (metrics, progress
+  and reports come from process 0) unless --verbosity is given.
 * Random bits do not depend on how arrays are sharded
   (`jax_threefry_partitionable`), so initialisation is the same on 1 device
   or 256.
@@ -40,12 +48,15 @@ import logging as py_logging
 import mmap
 import os
 import sys
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Sequence
+import traceback
+from typing import (Any, Callable, Dict, FrozenSet, Iterable, Mapping, Optional,
+                    Sequence)
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax._src import distributed as jax_distributed
 from ml_collections import config_flags
 # is_config_flag is public in the module, not re-exported by the package.
 from ml_collections.config_flags import config_flags as ml_config_flags
@@ -164,6 +175,14 @@ def _jaxlib_version() -> str:
     return '(unknown version)'
 
 
+# jax.distributed.initialize's timeouts (seconds): (argument, variable that
+# overrides it, default).
+DISTRIBUTED_TIMEOUTS = (
+    ('heartbeat_timeout_seconds', 'PAN_JAX_HEARTBEAT_TIMEOUT', 20),
+    ('shutdown_timeout_seconds', 'PAN_JAX_SHUTDOWN_TIMEOUT', 60),
+    ('initialization_timeout', 'PAN_JAX_INIT_TIMEOUT', 300))
+
+
 def _not_orbax_info(record: py_logging.LogRecord) -> bool:
   if '/orbax/' not in record.pathname:
     return True
@@ -181,15 +200,61 @@ def start() -> None:
     set_cpu_flags()
   logging.get_absl_logger().addFilter(_not_orbax_info)
   if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
-    env = {k: int(os.environ[v]) for k, v in (
-        ('num_processes', 'PAN_JAX_NUM_PROCESSES'),
-        ('process_id', 'PAN_JAX_PROCESS_ID')) if v in os.environ}
-    jax.distributed.initialize(**env)
+    jax.distributed.initialize(**distributed_arguments(os.environ))
   jax.config.update('jax_threefry_partitionable', True)
   logging.info('process %d/%d, %d local / %d global devices (%s); XLA_FLAGS=%r',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend(), os.environ.get('XLA_FLAGS', ''))
+  if jax.process_count() > 1:
+    logging.get_absl_handler().setFormatter(
+        _ProcessFormatter(jax.process_index(), jax.process_count()))
+    if jax.process_index() != 0 and not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)
+
+
+def distributed_arguments(environ: Mapping[str, str]) -> Dict[str, int]:
+  """jax.distributed.initialize's arguments from the environment.
+
+  Args:
+    environ: the environment (os.environ).
+
+  Returns:
+    num_processes / process_id where PAN_JAX_NUM_PROCESSES /
+    PAN_JAX_PROCESS_ID are set (cluster environments detect them), and the
+    timeouts of DISTRIBUTED_TIMEOUTS.
+
+  Raises:
+    errors.UsageError: a variable is not a positive integer (the process id
+      may be 0).
+  """
+  arguments = {}
+  names = [('num_processes', 'PAN_JAX_NUM_PROCESSES', None),
+           ('process_id', 'PAN_JAX_PROCESS_ID', None),
+           *DISTRIBUTED_TIMEOUTS]
+  for argument, variable, default in names:
+    value = environ.get(variable)
+    if value is None:
+      if default is not None:
+        arguments[argument] = default
+      continue
+    minimum = 0 if argument == 'process_id' else 1
+    if not value.isdigit() or int(value) < minimum:
+      raise errors.UsageError(
+          f'{variable}={value!r}: expected an integer >= {minimum}')
+    arguments[argument] = int(value)
+  return arguments
+
+
+class _ProcessFormatter(logging.PythonFormatter):
+  """absl's log lines with '[process i/n] ' before each message."""
+
+  def __init__(self, index: int, count: int):
+    super().__init__()
+    self._tag = f'[process {index}/{count}] '
+
+  def formatMessage(self, record: py_logging.LogRecord) -> str:  # pylint: disable=invalid-name
+    return self._tag + super().formatMessage(record)
 
 
 def run(main: Callable[[Sequence[str]], Any]) -> None:
@@ -201,7 +266,10 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   does not load; exit status 2), a `pan_jax.errors.UserError` raised by the
   command (its exit_code: 1, or 2 for usage errors) or absl's
   app.UsageError (2). PAN_JAX_TRACEBACK=1 raises them instead. Other
-  exceptions are bugs and keep their traceback.
+  exceptions are bugs and keep their traceback. With several processes,
+  an exception caused by a lost process (a collective whose peer died) is
+  followed by a line naming the lost processes, and this one exits with
+  status 1 at once instead of waiting for them at shutdown.
 
   Args:
     main: the command's main(argv); its return value is the exit status.
@@ -209,14 +277,23 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   _lend_help_to_console_script(main)
 
   def start_then_main(argv):
-    start()
     try:
+      start()
       return main(argv)
     except (errors.UserError, app.UsageError) as e:
       if _show_tracebacks():
         raise
       _print_error(str(e))
       return getattr(e, 'exit_code', errors.UsageError.exit_code)
+    except Exception:  # pylint: disable=broad-except
+      lost = lost_processes()
+      if not lost:
+        raise
+      traceback.print_exc()
+      _print_error(f'{lost}; process {jax.process_index()}/'
+                   f'{jax.process_count()} stops too. Restart the command on '
+                   'every host: training resumes from its last checkpoint.')
+      os._exit(1)  # pylint: disable=protected-access  (no shutdown barrier)
   app.run(start_then_main, flags_parser=_parse_flags)
 
 
@@ -284,6 +361,32 @@ def _config_file_message(error: OSError) -> str:
         continue  # Not a config *file* flag.
       return f'--{name}={path}: cannot load the config file ({reason})'
   return f'cannot load a config file ({reason})'
+
+
+def lost_processes() -> str:
+  """Which processes of this distributed run are gone, in words ('' if none).
+
+  Asks the coordinator which processes still send heartbeats; if the
+  coordinator itself cannot be reached, process 0 (which runs it) is lost.
+  """
+  if jax.process_count() <= 1:
+    return ''
+  # jax has no public API for this; the client is jax.distributed's own.
+  client = jax_distributed.global_state.client
+  if client is None:
+    return ''
+  count = jax.process_count()
+  try:
+    live = client.get_live_nodes(list(range(count)))
+  except Exception:  # pylint: disable=broad-except
+    return ('lost the coordinator, process 0 (it cannot be reached: killed, '
+            'or its host is gone?)')
+  lost = [i for i in range(count) if i not in live]
+  if not lost:
+    return ''
+  names = ', '.join(str(i) for i in lost)
+  return (f'lost process{"es" if len(lost) > 1 else ""} {names} of {count} '
+          '(no heartbeat: killed, or its host is gone?)')
 
 
 def _lend_help_to_console_script(main: Callable[..., Any]) -> None:

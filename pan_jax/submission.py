@@ -31,6 +31,7 @@ from typing import Any, Dict, Mapping, Sequence
 import numpy as np
 
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax import visualize
 from pan_jax.data import cityscapes
 from pan_jax.data import voc
@@ -130,6 +131,6 @@ class Writer:
     (One file per image: report.json's num_images counts them over every
     process.)
     """
-    directory = os.path.abspath(self.directory)
+    directory = paths.absolute(self.directory)
     return {'format': self._format, 'directory': directory,
             'archive_command': _ARCHIVE[self._format].format(dir=directory)}

@@ -15,10 +15,13 @@ are computed over the global batch (synchronised BN), which also makes the
 result independent of the device count up to float rounding.
 """
 
+import collections
 import functools
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -36,6 +39,7 @@ from pan_jax import evaluate
 from pan_jax import losses
 from pan_jax import models
 from pan_jax import optim
+from pan_jax import paths
 from pan_jax import sharding
 from pan_jax.checkpoints import pretrained
 from pan_jax.checkpoints import workdir as workdir_lib
@@ -45,6 +49,8 @@ from pan_jax.data import sources
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+# Train steps dispatched to the devices and not finished, at most.
+MAX_STEPS_IN_FLIGHT = 2
 # Per-step values that must stay finite; a checkpoint is only written after
 # every step up to it has been checked.
 _FINITE_METRICS = ('loss', 'grad_norm', 'param_norm')
@@ -213,32 +219,41 @@ def validate(model: Any, state: TrainState, config: ml_collections.ConfigDict,
 
 
 class _MetricWriter:
-  """metrics.jsonl, TensorBoard events and the console line (process 0)."""
+  """metrics.jsonl, TensorBoard events and the console line (process 0).
+
+  On a gs:// workdir both files are written in a local directory and copied
+  to the workdir by `sync` (after every checkpoint and validation, and at
+  the end): a GCS object cannot be appended to, and tensorboardX's own gs://
+  writer uploads its whole file again at every flush.
+  """
 
   def __init__(self, workdir: str, start_step: int):
     self._enabled = jax.process_index() == 0
-    self._path = os.path.join(workdir, METRICS_FILE)
+    self._workdir = workdir
     self._tensorboard = None
+    self._local = None  # The local directory of a gs:// workdir.
     if not self._enabled:
       return
+    if paths.is_url(workdir):
+      self._local = tempfile.mkdtemp(prefix='pan_jax_metrics_')
+    directory = self._local or workdir
+    self._path = os.path.join(directory, METRICS_FILE)
+    saved = os.path.join(workdir, METRICS_FILE)
     # A resumed run repeats the steps after its checkpoint: drop their lines.
-    if os.path.exists(self._path):
-      with open(self._path) as f:
-        lines = [l for l in f if l.strip()
-                 and json.loads(l).get('step', 0) <= start_step]
-      tmp = self._path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(lines)
-      os.replace(tmp, self._path)
+    lines = []
+    if paths.exists(saved):
+      lines = [l + '\n' for l in paths.read_text(saved).splitlines()
+               if l.strip() and json.loads(l).get('step', 0) <= start_step]
+    paths.write_bytes(self._path, ''.join(lines).encode())
     self._tensorboard = tensorboardX.SummaryWriter(
-        os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1)
+        os.path.join(directory, TENSORBOARD_DIR), purge_step=start_step + 1)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self._enabled:
       return
     record = {'step': step, **{k: _to_json(v) for k, v in values.items()}}
     try:
-      with open(self._path, 'a') as f:
+      with open(self._path, 'a') as f:  # A local file (see the docstring).
         f.write(json.dumps(record) + '\n')
     except OSError as e:
       raise errors.StorageError(
@@ -249,9 +264,30 @@ class _MetricWriter:
         self._tensorboard.add_scalar(tag, value, step)
     self._tensorboard.flush()
 
+  def sync(self) -> None:
+    """Copies the local files of a gs:// workdir to it (each atomically)."""
+    if self._local is None:
+      return
+    for name in os.listdir(self._local):
+      local = os.path.join(self._local, name)
+      if os.path.isdir(local):
+        for child in os.listdir(local):
+          _copy_file(os.path.join(local, child),
+                     os.path.join(self._workdir, name, child))
+      else:
+        _copy_file(local, os.path.join(self._workdir, name))
+
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+      self.sync()
+    if self._local is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
+
+
+def _copy_file(local: str, destination: str) -> None:
+  with open(local, 'rb') as f:
+    paths.write_bytes(destination, f.read())
 
 
 def _to_json(value: Any) -> Any:
@@ -480,6 +516,7 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
   last_metrics, eval_result, stopped_by = {}, None, None
   step = start_step
   timer_step, timer_start, run_start = step, None, time.time()
+  in_flight = collections.deque()  # Metrics of the unfinished steps.
   saving = None  # The step of a save started and not known to be complete.
   while step < total:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -489,6 +526,16 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       state, metrics = step_fn(state, batch)
     step += 1
     pending.append((step, metrics))
+    # At most MAX_STEPS_IN_FLIGHT steps dispatched and not finished (with 2:
+    # step n - 1 must finish before step n + 1 is prepared). The device
+    # stays busy (step n waits behind n - 1), and a stop request is acted
+    # on, and its checkpoint written, within about two step times.
+    # Unbounded, the loop ran ~30 steps ahead of the device, each holding
+    # its batch, and a SIGTERM waited for all of them (75 s, more than a
+    # spot VM's notice).
+    in_flight.append(metrics)
+    if len(in_flight) >= MAX_STEPS_IN_FLIGHT:
+      jax.block_until_ready(in_flight.popleft())
     # A save that failed in the background stops the run before this step
     # is logged (the step gave the save time to finish or fail).
     if workdir_lib.check_saved(manager, saving, block=False):
@@ -529,6 +576,7 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       _check_finite(jax.device_get(pending), last_good, workdir, state)
       workdir_lib.check_saved(manager, saving)  # Orbax waits for it anyway.
       workdir_lib.save(manager, step, state, data_iter, force=True)
+      writer.sync()
       last_good = saving = step
       timer_start += time.time() - save_start
     if not stopping and is_time(step, config.eval_every_steps, total):
@@ -539,6 +587,7 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       eval_result = validate(model, state, config, meta, mesh)
       summary = _summarise_eval(eval_result, meta)
       writer.write(step, summary)
+      writer.sync()
       per_class = ', '.join(f'{name} {iou:.3f}' for name, iou in
                             summary.get('val/per_class_iou', {}).items())
       logging.info('step %d validation: mIoU %.4f (%.1fs) | %s', step,

@@ -25,6 +25,14 @@ API over plain HTTP. Every client in the stack can be pointed at it:
 visible to every test by conftest.py) shares one server per test session
 and gives each test a fresh bucket, with the environment set for the test
 and for every subprocess it starts.
+
+As a program (launch/pod_demo.sh uses it):
+
+    python tests/gcs_server.py BUCKET ENV_FILE
+
+starts a server with bucket BUCKET, writes the environment that reaches it
+to ENV_FILE (KEY=VALUE lines, for `set -a; . ENV_FILE`) and serves until
+it gets SIGTERM or SIGINT.
 """
 
 import ctypes
@@ -173,6 +181,10 @@ class Server:
         'GCE_METADATA_IP': _CLOSED_PORT,
     }
 
+  def poll(self) -> Optional[int]:
+    """The binary's exit status, None while it runs."""
+    return None if self._process is None else self._process.poll()
+
   def stop(self) -> None:
     """Stops the server (terminate, then kill after 5 s)."""
     if self._process is not None:
@@ -250,3 +262,32 @@ def gcs_bucket(gcs_server) -> Iterator[str]:
     apply_env(gcs_server.env(), patch)
     yield gcs_server.create_bucket(
         f'test-{os.getpid()}-{next(_BUCKET_NUMBERS)}')
+
+
+def main(argv: list[str]) -> int:
+  """Serves one bucket until SIGTERM/SIGINT (see the module docstring)."""
+  if len(argv) != 3:
+    print('usage: python tests/gcs_server.py BUCKET ENV_FILE', file=sys.stderr)
+    return 2
+  bucket, env_file = argv[1:]
+  stop = []
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: stop.append(signum))
+  log_dir = os.path.dirname(os.path.abspath(env_file))
+  with Server(log_dir) as server:
+    server.create_bucket(bucket)
+    temporary = env_file + '.tmp'
+    with open(temporary, 'w') as f:
+      f.writelines(f'{key}={value}\n' for key, value in server.env().items())
+    os.replace(temporary, env_file)  # Complete when it appears.
+    print(f'GCS server on {server.url} with gs://{bucket}', flush=True)
+    while not stop:
+      if server.poll() is not None:
+        print('the GCS server stopped', file=sys.stderr)
+        return 1
+      time.sleep(0.2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

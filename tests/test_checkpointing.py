@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from typing import Any
 
 from flax.training import train_state
@@ -144,3 +145,53 @@ def test_check_compatible(tmp_path):
   os.remove(tmp_path / 'config.json')
   with pytest.raises(ValueError, match='config.json cannot be read'):
     workdir_lib.check_compatible(str(tmp_path), config)
+
+
+class _Preemption:
+  """Stands in for a CheckpointManager's reached_preemption."""
+
+  def __init__(self, at=None):
+    self._at = at
+
+  def reached_preemption(self, step):
+    return step == self._at
+
+
+def test_stop_requests_of_one_process():
+  stop = workdir_lib.StopRequest()
+  try:
+    assert not stop.should_stop(1, _Preemption())
+    signal.raise_signal(signal.SIGTERM)
+    assert stop.should_stop(2, _Preemption()) and stop.signal_name == 'SIGTERM'
+  finally:
+    stop.close()
+
+
+def test_several_processes_stop_where_they_agree(monkeypatch):
+  """No per-step round trip: SIGTERM is JAX's (its preemption notifier tells
+  the coordinator), SIGINT is passed on as a SIGTERM of this process, and
+  the stop happens at the step the processes agreed on."""
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  sent = []
+  monkeypatch.setattr(os, 'kill', lambda pid, sig: sent.append((pid, sig)))
+  previous = signal.getsignal(signal.SIGTERM)
+  stop = workdir_lib.StopRequest()
+  try:
+    assert signal.getsignal(signal.SIGTERM) is previous  # Left to JAX.
+    signal.raise_signal(signal.SIGINT)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    agreed = _Preemption(at=7)
+    # Not before the agreed step, even though this process got the signal.
+    assert not stop.should_stop(6, agreed)
+    assert stop.should_stop(7, agreed) and stop.signal_name == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):  # A second Ctrl-C: at once.
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    stop.close()
+  # A process that got no signal learns it from the agreement.
+  other = workdir_lib.StopRequest()
+  try:
+    assert other.should_stop(3, _Preemption(at=3))
+    assert other.signal_name == 'a SIGTERM (preemption notice)'
+  finally:
+    other.close()

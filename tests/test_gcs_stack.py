@@ -3,9 +3,9 @@
 These pin down, as regression tests, the facts the library's gs:// support
 is built on (etils.epath over gcsfs, Orbax over tensorstore, tensorboardX
 over google-cloud-storage, tfds/array_record over google-cloud-cpp), and
-prototype the two tree copies the library needs: a dataset upload that
-commits atomically (GCS cannot rename a prefix) and a verified download
-into a local cache. Each test prints its timings ([gcs] lines, -s shows
+check the two tree copies the library builds on them (pan_jax/paths.py): a
+dataset upload that commits atomically (GCS cannot rename a prefix) and a
+verified copy in a local cache. Each test prints its timings ([gcs] lines, -s shows
 them); none asserts on them.
 
 Needs requirements-gcs.txt; skipped without it (see gcs_server.py).
@@ -13,11 +13,9 @@ Needs requirements-gcs.txt; skipped without it (see gcs_server.py).
 
 import base64
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -28,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from pan_jax import paths
 from pan_jax.data import prepare
 
 pytest.importorskip('gcsfs', reason='pip install -r requirements-gcs.txt')
@@ -314,86 +313,12 @@ def _crc32c(path):
 
 
 def _local_files(local_dir):
+  """Every file under local_dir but the copy's manifest, relative, sorted."""
   out = []
   for root, _, names in os.walk(local_dir):
     out.extend(os.path.relpath(os.path.join(root, n), local_dir)
-               for n in names)
+               for n in names if n != '.pan_jax_copy.json')
   return sorted(out)
-
-
-def _listing(fs, remote_dir):
-  """{path relative to remote_dir: gcsfs info (size, crc32c, ...)}."""
-  prefix = remote_dir.split('://', 1)[1]  # gcsfs names have no gs://.
-  return {os.path.relpath(name, prefix): info
-          for name, info in fs.find(remote_dir, detail=True).items()}
-
-
-def upload_tree(local_dir, remote_dir, commit_file):
-  """Uploads local_dir so that remote_dir/commit_file appears last.
-
-  GCS writes each object atomically but cannot rename a prefix, so the
-  commit is a marker: every other file is uploaded and checked (size,
-  CRC32C) first; readers treat remote_dir as absent until commit_file is
-  there. An interrupted upload leaves no marker and is redone.
-  """
-  fs = _fs()
-  files = _local_files(local_dir)
-  if commit_file not in files:
-    raise ValueError(f'{local_dir} has no {commit_file}')
-  body = [f for f in files if f != commit_file]
-  for rel in body:
-    fs.put_file(os.path.join(local_dir, rel), f'{remote_dir}/{rel}')
-  fs.invalidate_cache()
-  listing = _listing(fs, remote_dir)
-  for rel in body:
-    local = os.path.join(local_dir, rel)
-    info = listing.get(rel)
-    if (info is None or int(info['size']) != os.path.getsize(local)
-        or info.get('crc32c') != _crc32c(local)):
-      raise OSError(f'{remote_dir}/{rel} does not match {local} after upload')
-  fs.put_file(os.path.join(local_dir, commit_file),
-              f'{remote_dir}/{commit_file}')
-
-
-def download_tree(remote_dir, local_dir, commit_file):
-  """Copies a committed remote_dir to local_dir (a cache), verified.
-
-  Safe under concurrent callers: each downloads into its own temporary
-  sibling and renames it into place (atomic on a local file system); the
-  first rename wins and the others discard their copy.
-
-  Returns:
-    True if this call made the copy, False if local_dir was already there.
-  """
-  if os.path.exists(os.path.join(local_dir, commit_file)):
-    return False
-  fs = _fs()
-  fs.invalidate_cache()
-  listing = _listing(fs, remote_dir)
-  if commit_file not in listing:
-    raise FileNotFoundError(f'{remote_dir}/{commit_file} is missing: the '
-                            'upload is incomplete')
-  parent = os.path.dirname(os.path.abspath(local_dir))
-  os.makedirs(parent, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix='.incomplete.', dir=parent)
-  try:
-    for rel, info in listing.items():
-      local = os.path.join(temporary, rel)
-      os.makedirs(os.path.dirname(local), exist_ok=True)
-      fs.get_file(f'{remote_dir}/{rel}', local)
-      if (os.path.getsize(local) != int(info['size'])
-          or _crc32c(local) != info['crc32c']):
-        raise OSError(f'{remote_dir}/{rel}: the downloaded copy does not '
-                      'match the size/CRC32C GCS reports')
-    try:
-      os.rename(temporary, local_dir)
-    except OSError:
-      if not os.path.exists(os.path.join(local_dir, commit_file)):
-        raise
-      return False  # Another process finished first.
-    return True
-  finally:
-    shutil.rmtree(temporary, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')
@@ -441,6 +366,7 @@ def test_array_record_cannot_write_to_gcs(gcs_bucket):
 def test_upload_commits_last_and_download_verifies(gcs_bucket, built_dataset,
                                                    tmp_path, timer,
                                                    monkeypatch):
+  """paths.upload_tree / paths.mirror, the copies builder.py makes."""
   _, local = built_dataset
   remote = f'{gcs_bucket}/data/synthetic/1.0.0'
   marker = 'dataset_info.json'  # What builder.built_dir looks for.
@@ -456,45 +382,57 @@ def test_upload_commits_last_and_download_verifies(gcs_bucket, built_dataset,
 
   monkeypatch.setattr(fs, 'put_file', failing_put)
   with pytest.raises(ConnectionError):
-    upload_tree(local, remote, marker)
+    paths.upload_tree(local, remote, marker)
   monkeypatch.undo()
-  fs.invalidate_cache()
-  assert not epath.Path(remote, marker).exists()
-  assert len(list(epath.Path(remote).iterdir())) == 2
-  with pytest.raises(FileNotFoundError, match='incomplete'):
-    download_tree(remote, str(tmp_path / 'cache' / 'synthetic'), marker)
+  assert not paths.exists(f'{remote}/{marker}')
+  assert len(paths.listdir(remote)) == 2
+  with pytest.raises(FileNotFoundError, match='not a complete upload'):
+    paths.mirror(remote, str(tmp_path / 'cache' / 'synthetic'), marker)
 
   with timer('upload_tree (verified, marker last)'):
-    upload_tree(local, remote, marker)
+    paths.upload_tree(local, remote, marker)
   cache = str(tmp_path / 'cache' / 'synthetic')
-  with timer('download_tree (verified, renamed into place)'):
-    assert download_tree(remote, cache, marker)
+  with timer('mirror (verified, renamed into place)'):
+    assert paths.mirror(remote, cache, marker)
   assert _local_files(cache) == _local_files(local)
   for rel in _local_files(local):
     assert _crc32c(os.path.join(cache, rel)) == _crc32c(
         os.path.join(local, rel))
-  assert not download_tree(remote, cache, marker)  # Cached.
+  with timer('mirror of a current copy (one listing)'):
+    assert not paths.mirror(remote, cache, marker)
   assert _first_example(cache)[1]['file_name'] == _first_example(
       local)[1]['file_name']
+  # The remote changed (a rebuild): the copy is replaced.
+  features = epath.Path(remote) / 'features.json'
+  features.write_bytes(features.read_bytes() + b' ')
+  assert paths.mirror(remote, cache, marker)
+  assert os.path.getsize(os.path.join(cache, 'features.json')) == (
+      os.path.getsize(os.path.join(local, 'features.json')) + 1)
+  # A truncated local file makes the copy out of date too.
+  with open(os.path.join(cache, 'features.json'), 'wb'):
+    pass
+  assert paths.mirror(remote, cache, marker)
+  paths.upload_tree(local, remote, marker)
 
-  # Four concurrent stagings of one cache: one copy, no error, no leftovers.
+  # Four concurrent copies into one cache: one copy, no error, no leftovers.
   shared = str(tmp_path / 'shared_cache' / 'synthetic')
   results, errors = [], []
 
   def stage():
     try:
-      results.append(download_tree(remote, shared, marker))
+      results.append(paths.mirror(remote, shared, marker))
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 
   threads = [threading.Thread(target=stage) for _ in range(4)]
-  with timer('4 concurrent download_tree'):
+  with timer('4 concurrent mirror'):
     for thread in threads:
       thread.start()
     for thread in threads:
       thread.join(timeout=120)
-  assert not errors and results.count(True) >= 1 and len(results) == 4
-  assert os.listdir(os.path.dirname(shared)) == ['synthetic']
+  assert not errors and results.count(True) == 1 and len(results) == 4
+  assert sorted(os.listdir(os.path.dirname(shared))) == [
+      '.synthetic.lock', 'synthetic']
   assert _local_files(shared) == _local_files(local)
 
 
@@ -503,7 +441,7 @@ def test_download_rejects_a_corrupt_copy(gcs_bucket, built_dataset, tmp_path,
   _, local = built_dataset
   remote = f'{gcs_bucket}/data/synthetic/1.0.0'
   marker = 'dataset_info.json'
-  upload_tree(local, remote, marker)
+  paths.upload_tree(local, remote, marker)
   fs = _fs()
   real_get = fs.get_file
 
@@ -515,7 +453,8 @@ def test_download_rejects_a_corrupt_copy(gcs_bucket, built_dataset, tmp_path,
 
   monkeypatch.setattr(fs, 'get_file', corrupting_get)
   cache = tmp_path / 'cache' / 'synthetic'
-  with pytest.raises(OSError, match='features.json.*size/CRC32C'):
-    download_tree(remote, str(cache), marker)
+  with pytest.raises(OSError, match='features.json.*size or CRC32C'):
+    paths.mirror(remote, str(cache), marker)
   assert not cache.exists()
-  assert os.listdir(tmp_path / 'cache') == []  # The temporary copy is gone.
+  # The temporary copy is gone; the lock file stays.
+  assert os.listdir(tmp_path / 'cache') == ['.synthetic.lock']

@@ -1,8 +1,8 @@
 """Tests for launch/local.sh: N processes of pan_jax.main on this machine.
 
 The failure and signal cases use a stand-in interpreter (PYTHON=a bash
-script) so they take seconds; the real two-process training run is gated
-like tests/test_train.py's (PAN_JAX_TEST_MULTIPROCESS=1).
+script) so they take seconds; real multi-process runs through it (training
+and evaluation) are in tests/test_multihost.py.
 """
 
 import os
@@ -80,6 +80,14 @@ def test_dry_run_prints_one_command_per_process():
   assert len(ports) == 1  # One coordinator for all.
 
 
+def test_dry_run_of_another_command():
+  result = _launch({'DRY_RUN': '1', 'MODULE': 'pan_jax.evaluate',
+                    'PYTHON': '/py'}, '--checkpoint=gs://b/run')
+  for line in result.stdout.splitlines():
+    assert shlex.split(line)[-4:] == ['/py', '-m', 'pan_jax.evaluate',
+                                      '--checkpoint=gs://b/run']
+
+
 def test_dry_run_keeps_the_users_xla_flags_and_port():
   result = _launch({'DRY_RUN': '1', 'COORDINATOR_PORT': '4321',
                     'XLA_FLAGS': '--xla_force_host_platform_device_count=8 '
@@ -103,8 +111,12 @@ def test_bad_settings_are_refused(name, value):
 def test_every_process_gets_its_environment(tmp_path):
   python = _stand_in(tmp_path, 'exit 0')
   result = _launch({'PYTHON': python, 'NUM_PROCESSES': '2',
-                    'DEVICES_PER_PROCESS': '3'}, '--workdir=w')
+                    'DEVICES_PER_PROCESS': '3',
+                    'LOG_DIR': str(tmp_path / 'logs')}, '--workdir=w')
   assert result.returncode == 0, result.stderr
+  # LOG_DIR has each process's pid (to signal one of them).
+  assert [int((tmp_path / 'logs' / f'process_{i}.pid').read_text())
+          for i in (0, 1)] == _pids(tmp_path, 2)
   envs = [(tmp_path / f'env_{i}').read_text().splitlines() for i in (0, 1)]
   for index, env in enumerate(envs):
     assert f'PAN_JAX_PROCESS_ID={index}' in env
@@ -181,26 +193,3 @@ def test_sigterm_reaches_every_process(tmp_path):
   assert 'SIGTERM received' in stderr
   assert all((tmp_path / f'term_{i}').exists() for i in (0, 1))
   assert not any(_alive(pid) for pid in _pids(tmp_path, 2))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get('PAN_JAX_TEST_MULTIPROCESS') != '1',
-                    reason='2 processes compile in parallel (~45 s on 2 '
-                    'cores); set PAN_JAX_TEST_MULTIPROCESS=1 to run')
-def test_two_processes_train(tmp_path):
-  logs = tmp_path / 'logs'
-  result = _launch({'PYTHON': sys.executable, 'DEVICES_PER_PROCESS': '2',
-                    'LOG_DIR': str(logs),
-                    'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'},
-                   '--config=configs/smoke.py',
-                   f'--workdir={tmp_path / "run"}', '--config.total_steps=2',
-                   timeout=600)
-  outputs = [(logs / f'process_{i}.log').read_text() for i in (0, 1)]
-  assert result.returncode == 0, result.stderr + outputs[0][-3000:]
-  for index, output in enumerate(outputs):
-    assert f'process {index}/2, 2 local / 4 global devices' in output
-    assert 'Trained steps 0 to 2' in output
-  assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints' / '2' /
-                           'data_iter')) == [
-                               'commit_success.txt', 'process_0-of-2.json',
-                               'process_1-of-2.json']

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from pan_jax import errors
 from pan_jax import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +46,27 @@ def test_cpu_flags_respect_the_user(monkeypatch, user_flags, expected):
   monkeypatch.setenv('XLA_FLAGS', user_flags)
   runtime.set_cpu_flags()
   assert os.environ['XLA_FLAGS'] == expected
+
+
+def test_distributed_arguments_from_the_environment():
+  assert runtime.distributed_arguments({}) == {
+      'heartbeat_timeout_seconds': 20, 'shutdown_timeout_seconds': 60,
+      'initialization_timeout': 300}
+  arguments = runtime.distributed_arguments({
+      'PAN_JAX_NUM_PROCESSES': '4', 'PAN_JAX_PROCESS_ID': '0',
+      'PAN_JAX_HEARTBEAT_TIMEOUT': '7'})
+  assert arguments['num_processes'] == 4 and arguments['process_id'] == 0
+  assert arguments['heartbeat_timeout_seconds'] == 7
+  for variable, value in (('PAN_JAX_HEARTBEAT_TIMEOUT', '0'),
+                          ('PAN_JAX_NUM_PROCESSES', 'two'),
+                          ('PAN_JAX_PROCESS_ID', '-1')):
+    with pytest.raises(errors.UsageError,
+                       match=f'{variable}={value!r}'):
+      runtime.distributed_arguments({variable: value})
+
+
+def test_a_single_process_has_lost_nobody():
+  assert runtime.lost_processes() == ''
 
 
 def test_this_jaxlib_knows_the_cpu_flags():

@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax.checkpoints import exported
 from pan_jax.checkpoints import files
 from pan_jax.checkpoints import pretrained
@@ -56,19 +57,19 @@ def load(path: str, step: Optional[int] = None) -> Checkpoint:
     ValueError: `step` does not match the inference checkpoint's, or the
       checkpoint fails `check`.
   """
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise errors.MissingError(
         f'checkpoint directory {path!r} does not exist')
   if exported.is_inference_checkpoint(path):
     return check(path, Checkpoint(*exported.read(path, step)))
-  if os.path.isfile(os.path.join(path, pretrained.INFO_FILE)):
+  if paths.isfile(os.path.join(path, pretrained.INFO_FILE)):
     raise errors.MissingError(
         f'{path} holds converted {pretrained.read_info(path)["kind"]} weights, '
         'not a whole network: train from it with '
         f'--config.model.init_from={path}')
   config = files.read_config(path)
   meta = files.read_meta(path)
-  if not os.path.isdir(os.path.join(path, workdir.CHECKPOINT_DIR)):
+  if not paths.isdir(os.path.join(path, workdir.CHECKPOINT_DIR)):
     raise errors.MissingError(
         f'{path} is neither a training workdir (no {workdir.CHECKPOINT_DIR}/) '
         f'nor an inference checkpoint (no {files.VARIABLES_DIR}/)')

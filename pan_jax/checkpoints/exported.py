@@ -11,6 +11,11 @@
 `python -m pan_jax.export` writes one from a training workdir; `python -m
 pan_jax.convert --format=smp` writes one for a converted smp network (plus
 pretrained.json, see pretrained.py).
+
+Locally the directory appears whole (written under a temporary name, then
+renamed). A gs:// prefix cannot be renamed, so there export.json is written
+last and is the commit marker: a gs:// export without it is incomplete and
+is refused when read.
 """
 
 import os
@@ -20,6 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 import ml_collections
 
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax.checkpoints import files
 from pan_jax.data import sources
 
@@ -28,8 +34,8 @@ INFO_FILE = 'export.json'
 
 def is_inference_checkpoint(path: str) -> bool:
   """True if `path` holds an inference checkpoint (config.json, variables/)."""
-  return (os.path.isdir(os.path.join(path, files.VARIABLES_DIR)) and
-          os.path.isfile(os.path.join(path, files.CONFIG_FILE)))
+  return (paths.isdir(os.path.join(path, files.VARIABLES_DIR)) and
+          paths.isfile(os.path.join(path, files.CONFIG_FILE)))
 
 
 def save(path: str, config: ml_collections.ConfigDict,
@@ -37,11 +43,12 @@ def save(path: str, config: ml_collections.ConfigDict,
          step: Optional[int] = None, source: Optional[str] = None) -> None:
   """Writes an inference checkpoint at `path` (a new directory).
 
-  Everything is written to a temporary sibling directory that is renamed to
-  `path` at the end, so `path` is either absent or complete.
+  Locally everything is written to a temporary sibling directory that is
+  renamed to `path` at the end, so `path` is either absent or complete; on
+  gs:// export.json is written last (see the module docstring).
 
   Args:
-    path: destination; must not exist yet.
+    path: destination (local or gs://); must not exist yet.
     config: the model's ConfigDict.
     meta: the DatasetMeta.
     variables: {'params', 'batch_stats'} (any arrays; written as NumPy).
@@ -51,22 +58,33 @@ def save(path: str, config: ml_collections.ConfigDict,
   Raises:
     FileExistsError: `path` exists.
   """
-  path = os.path.abspath(path)
-  if os.path.exists(path):
+  path = paths.absolute(path)
+  if paths.exists(path):
     raise errors.ExistsError(f'{path} already exists; choose a new --output')
+  if paths.is_url(path):
+    try:
+      _write(path, config, meta, variables, step, source)
+    except BaseException:
+      paths.rmtree(path)  # No marker was written: nothing half-done stays.
+      raise
+    return
   temporary = f'{path}.tmp-{os.getpid()}'
   shutil.rmtree(temporary, ignore_errors=True)
   os.makedirs(temporary)
   try:
-    files.save_variables(os.path.join(temporary, files.VARIABLES_DIR),
-                         variables)
-    files.write_config_and_meta(temporary, config, meta)
-    files.write_json(os.path.join(temporary, INFO_FILE),
-                     {'step': step, 'source': source})
+    _write(temporary, config, meta, variables, step, source)
     os.replace(temporary, path)
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)
     raise
+
+
+def _write(path, config, meta, variables, step, source):
+  """The files of `save`, export.json last."""
+  files.save_variables(os.path.join(path, files.VARIABLES_DIR), variables)
+  files.write_config_and_meta(path, config, meta)
+  files.write_json(os.path.join(path, INFO_FILE),
+                   {'step': step, 'source': source})
 
 
 def read(path: str, step: Optional[int] = None
@@ -85,7 +103,14 @@ def read(path: str, step: Optional[int] = None
     ValueError: `step` is not the checkpoint's.
   """
   info_path = os.path.join(path, INFO_FILE)
-  info = files.read_json(info_path) if os.path.exists(info_path) else {}
+  if paths.exists(info_path):
+    info = files.read_json(info_path)
+  elif paths.is_url(path):
+    raise errors.MissingError(
+        f'{path} is an incomplete inference checkpoint: {INFO_FILE}, written '
+        'last, is missing (the export was interrupted?); export it again')
+  else:
+    info = {}
   saved_step = info.get('step')
   if step is not None and step != saved_step:
     raise errors.ConfigError(

@@ -7,14 +7,13 @@ carry some of:
   dataset.json   the dataset's metadata (`DatasetMeta.to_json()`)
   variables/     an Orbax StandardCheckpointer item {'params', 'batch_stats'}
 
-They are written here and read back here, once. Writes are atomic (a
-temporary file in the same directory, then a rename), so a reader never sees
-half a file.
+They are written here and read back here, once, locally or on gs://
+(pan_jax/paths.py). Writes are atomic (locally a temporary file and a
+rename; on GCS one object), so a reader never sees half a file.
 """
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Mapping
 
 import jax
@@ -24,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from pan_jax import defaults
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax.data import sources
 
 CONFIG_FILE = 'config.json'
@@ -31,36 +31,16 @@ DATASET_FILE = 'dataset.json'
 VARIABLES_DIR = 'variables'
 
 
-def absolute(path: str) -> str:
-  """`path` made absolute, as Orbax requires; URLs (gs://...) are kept."""
-  return path if '://' in path else os.path.abspath(path)
-
-
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes `path` atomically (temporary file in its directory, rename)."""
-  directory = os.path.dirname(path) or '.'
-  os.makedirs(directory, exist_ok=True)
-  fd, temporary = tempfile.mkstemp(dir=directory, prefix='.tmp_')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-
-
 def write_json(path: str, value: Any) -> None:
   """Writes `value` as indented JSON to `path` atomically."""
-  write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + '\n'
+  paths.write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + '\n'
                      ).encode())
 
 
 def required(directory: str, name: str) -> str:
   """directory/name, or FileNotFoundError saying pan_jax did not write it."""
   path = os.path.join(directory, name)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise errors.MissingError(
         f'{path} is missing: {directory} is not a training workdir or '
         'inference checkpoint written by pan_jax')
@@ -69,11 +49,10 @@ def required(directory: str, name: str) -> str:
 
 def read_json(path: str) -> Dict[str, Any]:
   """The JSON object in `path`; ValueError naming the file if it is not."""
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise errors.DataError(f'{path} is not valid JSON: {e}') from e
+  try:
+    return json.loads(paths.read_text(path))
+  except json.JSONDecodeError as e:
+    raise errors.DataError(f'{path} is not valid JSON: {e}') from e
 
 
 def read_config(directory: str) -> ml_collections.ConfigDict:
@@ -83,8 +62,8 @@ def read_config(directory: str) -> ml_collections.ConfigDict:
 
 def read_meta(directory: str) -> sources.DatasetMeta:
   """directory/dataset.json as a DatasetMeta."""
-  with open(required(directory, DATASET_FILE)) as f:
-    return sources.DatasetMeta.from_json(f.read())
+  return sources.DatasetMeta.from_json(
+      paths.read_text(required(directory, DATASET_FILE)))
 
 
 def write_config_and_meta(directory: str, config: ml_collections.ConfigDict,
@@ -122,7 +101,7 @@ def as_dict(tree: Any) -> Any:
 def save_variables(directory: str, variables: Mapping[str, Any]) -> None:
   """Writes {'params', 'batch_stats'} as an Orbax item at `directory`."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(absolute(directory),
+  checkpointer.save(paths.absolute(directory),
                     {name: jax.device_get(variables[name])
                      for name in ('params', 'batch_stats')})
   checkpointer.wait_until_finished()
@@ -141,11 +120,11 @@ def read_variables(directory: str) -> Dict[str, Any]:
   Returns:
     The saved tree with np.ndarray leaves.
   """
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise errors.MissingError(f'{directory} is missing: not a complete '
                               'checkpoint written by pan_jax')
   checkpointer = ocp.StandardCheckpointer()
-  directory = absolute(directory)
+  directory = paths.absolute(directory)
   metadata = checkpointer.metadata(directory).item_metadata
   tree = getattr(metadata, 'tree', metadata)
   target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax.checkpoints import exported
 from pan_jax.checkpoints import files
 from pan_jax.checkpoints import workdir
@@ -68,7 +69,7 @@ def read_info(path: str) -> Dict[str, Any]:
     FileNotFoundError / ValueError: neither kind of directory.
   """
   info_path = os.path.join(path, INFO_FILE)
-  if not os.path.isfile(info_path):
+  if not paths.isfile(info_path):
     kind = ('pan_jax' if exported.is_inference_checkpoint(path) else
             'pan_jax workdir' if workdir.is_workdir(path) else None)
     if kind:
@@ -102,11 +103,12 @@ def save(output: str, variables: Mapping[str, Any], info: Mapping[str, Any],
 
   A whole network (`config` given) is written as an inference checkpoint,
   then pretrained.json is added. A backbone is written into a temporary
-  sibling directory that is renamed to `output` at the end. Either way
-  `output` appears only once its variables are complete.
+  sibling directory that is renamed to `output` at the end (on gs://, which
+  cannot rename, in place with pretrained.json last). Either way `output`
+  is read as converted weights only once its variables are complete.
 
   Args:
-    output: the directory to create; must not exist.
+    output: the directory to create (local or gs://); must not exist.
     variables: {'params', 'batch_stats'} NumPy tree.
     info: contents of pretrained.json.
     config: whole config (networks only).
@@ -115,8 +117,8 @@ def save(output: str, variables: Mapping[str, Any], info: Mapping[str, Any],
   Raises:
     FileExistsError: `output` exists.
   """
-  output = os.path.abspath(output)
-  if os.path.exists(output):
+  output = paths.absolute(output)
+  if paths.exists(output):
     raise errors.ExistsError(f'--output={output} already exists; choose a '
                              'new directory or remove it')
   if config is not None:
@@ -125,6 +127,10 @@ def save(output: str, variables: Mapping[str, Any], info: Mapping[str, Any],
     # Added last; without it the directory is still a valid inference
     # checkpoint, which read_info also understands.
     files.write_json(os.path.join(output, INFO_FILE), dict(info))
+    return
+  if paths.is_url(output):
+    files.save_variables(os.path.join(output, files.VARIABLES_DIR), variables)
+    files.write_json(os.path.join(output, INFO_FILE), dict(info))  # Marker.
     return
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
@@ -173,7 +179,7 @@ def check_config(info: Mapping[str, Any], model_config: Any,
         f'{path} holds {_describe_source(info)}, which this config cannot '
         f'load: {"; ".join(wrong)}. Use {required_overrides(info)}.')
   config_path = os.path.join(path, files.CONFIG_FILE)
-  if info['kind'] != 'network' or not os.path.isfile(config_path):
+  if info['kind'] != 'network' or not paths.isfile(config_path):
     return []
   saved = files.flatten(files.read_json(config_path).get('model', {}),
                         'model')

@@ -33,12 +33,12 @@ from typing import Any, Optional
 from absl import logging
 import grain
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax.checkpoints import files
 from pan_jax.data import sources
 
@@ -83,7 +83,7 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       enable_async_checkpointing=True,
       create=True)
   return ocp.CheckpointManager(
-      os.path.join(files.absolute(workdir), CHECKPOINT_DIR),
+      os.path.join(paths.absolute(workdir), CHECKPOINT_DIR),
       item_names=('state', 'data_iter'),
       item_handlers={'state': _state_handler(),
                      'data_iter': grain.checkpoint.CheckpointHandler()},
@@ -313,7 +313,7 @@ def restore_variables(workdir: str, step: Optional[int] = None
   Raises:
     FileNotFoundError: no checkpoint (at `step`) in the workdir.
   """
-  directory = os.path.join(files.absolute(workdir), CHECKPOINT_DIR)
+  directory = os.path.join(paths.absolute(workdir), CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
       directory, item_names=('state', 'data_iter'),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(),
@@ -345,8 +345,8 @@ def restore_variables(workdir: str, step: Optional[int] = None
 
 def is_workdir(path: str) -> bool:
   """True if `path` is a training workdir (config.json and checkpoints/)."""
-  return (os.path.isfile(os.path.join(path, files.CONFIG_FILE)) and
-          os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
+  return (paths.isfile(os.path.join(path, files.CONFIG_FILE)) and
+          paths.isdir(os.path.join(path, CHECKPOINT_DIR)))
 
 
 def make_workdir(workdir: str) -> None:
@@ -362,7 +362,7 @@ def make_workdir(workdir: str) -> None:
   Raises:
     StorageError: `workdir` is not a directory that can be written.
   """
-  if '://' in workdir:
+  if paths.is_url(workdir):
     return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.StorageError(
@@ -407,8 +407,8 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict,
     ConfigError: config.json (or dataset.json) is missing or unreadable.
   """
   checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-  has_checkpoints = os.path.isdir(checkpoints) and any(
-      name.isdigit() for name in os.listdir(checkpoints))
+  has_checkpoints = paths.isdir(checkpoints) and any(
+      name.isdigit() for name in paths.listdir(checkpoints))
   if not has_checkpoints:
     return
   path = os.path.join(workdir, files.CONFIG_FILE)
@@ -453,18 +453,22 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict,
 class StopRequest:
   """Turns SIGTERM/SIGINT into a request to checkpoint and stop cleanly.
 
-  With one process, handlers for SIGTERM and SIGINT set a flag. With several,
-  SIGTERM is left to JAX's preemption notifier (which Orbax's
-  `reached_preemption` reads: every process agrees on the step), SIGINT sets
-  a local flag, and the flags are OR-ed over processes at every step so all
-  of them stop at the same step.
+  With one process, handlers for SIGTERM and SIGINT set a flag that the loop
+  reads after every step. With several, every process must stop after the
+  same step, agreed without a blocking round trip per step: SIGTERM is left
+  to JAX's preemption notifier, which tells the coordinator; the processes
+  agree in the background on a step just ahead of all of them, and Orbax's
+  `reached_preemption(step)`, a local check, says when it is reached. A
+  SIGINT (Ctrl-C) is passed on as a SIGTERM of this process, so it takes the
+  same path. A second SIGINT stops at once, without a checkpoint.
   """
 
   def __init__(self):
     self.signal_name: Optional[str] = None
     self._previous = {}
+    self._several = jax.process_count() > 1
     signals = [signal.SIGINT]
-    if jax.process_count() == 1:
+    if not self._several:
       signals.append(signal.SIGTERM)
     for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
@@ -477,19 +481,20 @@ class StopRequest:
     self.signal_name = signal.Signals(signum).name
     logging.warning('%s received: saving a checkpoint after this step, then '
                     'stopping.', self.signal_name)
+    if self._several:
+      # To JAX's preemption notifier, which agrees the step with the others.
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def should_stop(self, step: int, manager: ocp.CheckpointManager) -> bool:
-    """Whether to save and stop after `step` (same answer on all processes)."""
-    requested = self.signal_name is not None
-    if jax.process_count() > 1:
-      flags = multihost_utils.process_allgather(np.int32(requested))
-      requested = bool(np.any(flags))
-      if requested and self.signal_name is None:
-        self.signal_name = 'a signal on another process'
+    """Whether to save and stop after `step` (same answer on all processes).
+
+    Call it after every step on every process: with several processes the
+    agreed step is only seen by a process that asks at that step.
+    """
     if manager.reached_preemption(step):
-      self.signal_name = self.signal_name or 'preemption notice'
-      requested = True
-    return requested
+      self.signal_name = self.signal_name or 'a SIGTERM (preemption notice)'
+      return True
+    return not self._several and self.signal_name is not None
 
   def close(self) -> None:
     """Puts back the handlers that were there before."""

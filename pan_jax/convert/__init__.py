@@ -49,6 +49,7 @@ from typing import Mapping, Optional, Sequence
 from flax import traverse_util
 import numpy as np
 
+from pan_jax import paths
 from pan_jax.checkpoints import pretrained
 from pan_jax.convert import archs
 from pan_jax.convert import keymaps
@@ -95,9 +96,9 @@ def convert(fmt: str, input_path: str, output: str,
   if fmt not in archs.FORMATS:
     raise readers.ConversionError(
         f'--format={fmt!r}; valid: {", ".join(archs.FORMATS)}')
-  if os.path.exists(output):
+  if paths.exists(output):
     raise readers.ConversionError(
-        f'--output={os.path.abspath(output)} already exists; choose a new '
+        f'--output={paths.absolute(output)} already exists; choose a new '
         'directory or remove it')
   state, note = readers.read_state_dict(input_path)
   heads = []

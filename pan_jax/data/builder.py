@@ -16,6 +16,12 @@ killed build leaves only an `incomplete.*` folder, which `build` removes the
 next time. A rebuild (overwrite) moves the old build aside and deletes it only
 when the new one is complete. A dataset is "built" iff
 `<version>/dataset_info.json` exists.
+
+A gs:// data_dir (array_record writes local files only) is built in the
+local cache and uploaded with dataset_info.json last (paths.upload_tree), so
+that it is "built" there only once every other file is up and verified;
+`local_copy` gives training and evaluation a verified copy in the local
+cache, made once per host.
 """
 
 import contextlib
@@ -29,10 +35,13 @@ import tempfile
 from typing import Any, Optional
 
 from absl import logging
+from pan_jax import paths
 from pan_jax.data import records
 import tensorflow_datasets as tfds
 
 VERSION = '1.0.0'
+# Written last by tfds (and uploaded last): the dataset's commit marker.
+INFO_FILE = 'dataset_info.json'
 _VERSION_RE = re.compile(r'^\d+\.\d+\.\d+$')
 # Prefix of a complete build moved aside while --overwrite rebuilds it.
 _REPLACED = '.replaced.'
@@ -71,16 +80,41 @@ class DatasetSpec:
 
 
 def built_dir(data_dir: str, name: str) -> Optional[str]:
-  """The newest complete build of dataset `name` under data_dir, or None."""
+  """The newest complete build of dataset `name` under data_dir, or None.
+
+  Args:
+    data_dir: a local directory or a gs:// URL.
+    name: the dataset.
+  """
   root = os.path.join(data_dir, name)
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     return None
-  versions = [v for v in os.listdir(root) if _VERSION_RE.match(v) and
-              os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  versions = [v for v in paths.listdir(root) if _VERSION_RE.match(v) and
+              paths.isfile(os.path.join(root, v, INFO_FILE))]
   if not versions:
     return None
   newest = max(versions, key=lambda v: tuple(int(x) for x in v.split('.')))
   return os.path.join(root, newest)
+
+
+def local_copy(dataset_dir: str, cache_dir: str) -> str:
+  """A local directory holding dataset_dir's files.
+
+  Args:
+    dataset_dir: a built dataset (built_dir's result), local or gs://.
+    cache_dir: where a gs:// dataset is copied (config.data.cache_dir).
+
+  Returns:
+    dataset_dir itself if local; otherwise its copy under cache_dir,
+    made or checked now (paths.mirror: verified, once per host, safe for
+    concurrent processes).
+  """
+  if not paths.is_url(dataset_dir):
+    return dataset_dir
+  local = paths.cache_path(cache_dir, dataset_dir)
+  if paths.mirror(dataset_dir, local, INFO_FILE):
+    logging.info('Copied %s to %s.', dataset_dir, local)
+  return local
 
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
@@ -208,19 +242,25 @@ class _Call:
 
 
 def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
-          num_workers: int = 0, overwrite: bool = False
+          num_workers: int = 0, overwrite: bool = False,
+          cache_dir: Optional[str] = None
           ) -> tuple[str, list[tuple[str, str]]]:
   """Builds `spec` into data_dir atomically (no-op if already built).
 
   Args:
     spec: what to build.
-    data_dir: the tfds data_dir (DATA); the result is DATA/<name>/<version>.
+    data_dir: the tfds data_dir (DATA), local or gs://; the result is
+      DATA/<name>/<version>.
     skip_bad: skip and count bad examples instead of failing on the first.
     num_workers: processes reading / checking / encoding source files (0 or
       1 = in this process).
     overwrite: replace a complete build. The old one is moved aside and
       deleted only once the new one is complete; if the build fails (or is
       killed: the next build puts it back) the old one stays.
+    cache_dir: for a gs:// data_dir, the local directory the dataset is
+      built in before it is uploaded (config.data.cache_dir). With
+      overwrite, the bucket's old build stays until the new one is built
+      locally, then it is deleted and the new one uploaded.
 
   Returns:
     (the dataset's directory, [(path, problem) of skipped inputs]).
@@ -228,6 +268,22 @@ def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
   Raises:
     records.BadInputError: a bad input (without skip_bad) or an empty split.
   """
+  if paths.is_url(data_dir):
+    existing = built_dir(data_dir, spec.name)
+    if existing and not overwrite:
+      logging.info('%s is already built at %s', spec.name, existing)
+      return existing, []
+    if not cache_dir:
+      raise ValueError(f'building into {data_dir} needs a local cache_dir')
+    local, skipped = build(spec, paths.cache_path(cache_dir, data_dir),
+                           skip_bad=skip_bad, num_workers=num_workers,
+                           overwrite=overwrite)
+    remote = os.path.join(data_dir, spec.name, os.path.basename(local))
+    if existing:
+      paths.rmtree(existing)  # No prefix rename on GCS: the old one goes.
+    print(f'Uploading {local} to {remote} ...', flush=True)
+    paths.upload_tree(local, remote, INFO_FILE)
+    return remote, skipped
   os.makedirs(data_dir, exist_ok=True)
   root = os.path.join(data_dir, spec.name)
   with build_lock(data_dir, spec.name):

@@ -1,10 +1,17 @@
 """grain input pipelines: training (augmented crops), evaluation (full images).
 
 Training, per process:
-  source -> shard [process_index::process_count] -> shuffle(seed) (a new
-  permutation each epoch) -> repeat -> RandomScaleCrop -> RandomFlip ->
-  Normalize -> batch(global_batch // process_count) -> threads ->
-  multiprocess prefetch (config.data.num_workers; 0 = in process).
+  source -> shuffle(seed) (a new permutation each epoch) -> repeat ->
+  RandomScaleCrop -> RandomFlip -> this process's rows
+  [process_index::process_count] -> Normalize ->
+  batch(global_batch // process_count) -> threads -> multiprocess prefetch
+  (config.data.num_workers; 0 = in process).
+The order and the augmentation are those of one global stream (grain seeds
+each example's augmentation from its position in it), and global batch i is
+its examples [i * B, (i + 1) * B) whatever the process count: each process
+reads only the examples of its rows, and 2 processes x 4 devices train on
+exactly the batches of 1 process x 8 devices (their rows in another order,
+which the mean loss and the global BatchNorm statistics do not see).
 Batches are formed before the prefetch, so their content does not depend on
 the worker count; the iterator state (grain get_state / set_state, or
 grain.checkpoint.CheckpointSave / CheckpointRestore in an Orbax checkpoint) is
@@ -63,17 +70,18 @@ def build_train_iter(config, process_index: int = 0, process_count: int = 1):
         f'split {data.train_split!r} has {len(source)} examples, fewer than '
         f'the {process_count} processes')
   dataset = grain.MapDataset.source(source)
-  dataset = dataset[process_index::process_count]
   dataset = dataset.shuffle(seed=config.seed)
   dataset = dataset.repeat()
-  # Augmentation streams differ between processes (grain seeds each element
-  # from the seed and its index, which is process-local).
-  seed = _process_seed(config.seed, process_index)
+  # Seeded per position in the global stream: the same augmentation of an
+  # example on any process count.
+  seed = _augmentation_seed(config.seed)
   dataset = dataset.random_map(
       transforms.RandomScaleCrop(int(data.crop_size), float(data.min_scale),
                                  float(data.max_scale)), seed=seed)
   dataset = dataset.random_map(transforms.RandomFlip(), seed=seed + 1)
   dataset = dataset.map(_KeepKeys(('image', 'label')))
+  # Lazy: only this process's examples are read and augmented.
+  dataset = dataset[process_index::process_count]
   workers = int(data.num_workers)
   if not workers:
     dataset = dataset.map(transforms.Normalize())
@@ -222,7 +230,7 @@ def _per_process(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _process_seed(seed: int, process_index: int) -> int:
-  """A 32-bit seed for (seed, process) from numpy's SeedSequence."""
-  return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
+def _augmentation_seed(seed: int) -> int:
+  """A 32-bit seed for the augmentation from numpy's SeedSequence."""
+  return int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]
              ) % (2**32 - 2)

@@ -13,11 +13,14 @@ Writes the tfds dataset DATA/<dataset>/1.0.0 in array_record (read with
 config.data.name=<dataset> and config.data.data_dir=DATA). Running it again is
 a no-op; running it with another source or other options refuses, naming the
 difference, unless --overwrite asks for a rebuild. The build is atomic: an
-interrupted run leaves only a temporary folder that the next run removes. A
-bad input stops the build with an error naming the file and what was
-expected; --skip_bad skips such examples and lists them at the end. See
-voc.py, cityscapes.py, folder.py and synthetic.py for the expected source
-layouts.
+interrupted run leaves only a temporary folder that the next run removes.
+DATA may be gs://BUCKET/dir: the dataset is built in --cache_dir
+(array_record writes local files only) and uploaded, verified, with
+dataset_info.json last, so that readers see it only once it is complete; run
+it on one host. SRC is a local directory. A bad input stops the build with
+an error naming the file and what was expected; --skip_bad skips such
+examples and lists them at the end. See voc.py, cityscapes.py, folder.py and
+synthetic.py for the expected source layouts.
 """
 
 import os
@@ -25,7 +28,9 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+from pan_jax import defaults
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax import runtime
 from pan_jax.data import builder
 from pan_jax.data import cityscapes
@@ -41,7 +46,8 @@ def prepare(dataset: str, source_dir: str, data_dir: str, *,
             skip_bad: bool = False, num_workers: int = 0, num_classes=None,
             ignore_label: int = 255, class_names=None, seed: int = 0,
             num_train: int = 2000, num_val: int = 300,
-            overwrite: bool = False):
+            overwrite: bool = False,
+            cache_dir: str = defaults.get_config().data.cache_dir):
   """Builds `dataset` (the library form of the command line).
 
   Args:
@@ -53,6 +59,7 @@ def prepare(dataset: str, source_dir: str, data_dir: str, *,
     num_classes, ignore_label, class_names: 'folder' only.
     seed, num_train, num_val: 'synthetic' only.
     overwrite: rebuild a dataset that is already built.
+    cache_dir: where a dataset for a gs:// data_dir is built first.
 
   Returns:
     (dataset directory, [(path, problem) skipped], [notes for the user],
@@ -103,7 +110,8 @@ def prepare(dataset: str, source_dir: str, data_dir: str, *,
                     class_names=synthetic.CLASS_NAMES, skip_bad=skip_bad)
   spec.build_args = args
   path, skipped = builder.build(spec, data_dir, skip_bad=skip_bad,
-                                num_workers=num_workers, overwrite=overwrite)
+                                num_workers=num_workers, overwrite=overwrite,
+                                cache_dir=cache_dir)
   return path, skipped, spec.notes, False
 
 
@@ -144,9 +152,9 @@ def _parse_class_names(value):
   """'a,b,c' or a file with one name per line -> list, or None."""
   if not value:
     return None
-  if os.path.isfile(value):
-    with open(value) as f:
-      return [line.strip() for line in f if line.strip()]
+  if paths.isfile(value):
+    return [line.strip() for line in paths.read_text(value).splitlines()
+            if line.strip()]
   return [name.strip() for name in value.split(',')]
 
 
@@ -167,7 +175,7 @@ def main(argv):
       ignore_label=flag_values.ignore_label,
       class_names=flag_values.class_names, seed=flag_values.seed,
       num_train=flag_values.num_train, num_val=flag_values.num_val,
-      overwrite=flag_values.overwrite)
+      overwrite=flag_values.overwrite, cache_dir=flag_values.cache_dir)
   if already:
     print(f'{flag_values.dataset} is already built at {path}: nothing to do.')
   else:
@@ -191,7 +199,11 @@ def _define_flags() -> None:
       'where they are generated if absent).')
   flags.DEFINE_string(
       'data_dir', 'data', 'tfds data_dir the dataset is written to '
-      '(config.data.data_dir).')
+      '(config.data.data_dir), local or gs://.')
+  flags.DEFINE_string(
+      'cache_dir', defaults.get_config().data.cache_dir,
+      'For a gs:// --data_dir: the local directory it is built in first '
+      '(config.data.cache_dir).')
   flags.DEFINE_integer(
       'num_classes', None, 'folder: number of classes (ids 0..num_classes-1).')
   flags.DEFINE_integer(

@@ -13,10 +13,11 @@ dataset's metadata (`get_meta`), never from the config.
 
 import dataclasses
 import json
-import os
 from typing import Any
 
+from pan_jax import defaults
 from pan_jax import errors
+from pan_jax import paths
 from pan_jax.data import builder
 from pan_jax.data import records
 from pan_jax.data import synthetic
@@ -29,6 +30,9 @@ FAKE_SPLITS = {'train': (64, 48, 96), 'val': (10, 40, 96)}
 _FAKE_SEED = 1234
 # Datasets that prepare.py builds, with the --dataset to name in errors.
 PREPARED_DATASETS = ('voc2012_aug', 'cityscapes', 'folder', 'synthetic')
+# (data_dir, name, cache_dir) of a gs:// dataset -> its local copy, checked
+# once per process.
+_LOCAL_COPIES: dict[tuple[str, str, str], str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,21 +244,33 @@ class FakeSource:
 
 
 def dataset_dir(data_config) -> str:
-  """DATA/<name>/<version> of a prepared dataset.
+  """The local directory of a prepared dataset (DATA/<name>/<version>).
+
+  For a gs:// data_dir, the dataset's copy in config.data.cache_dir, made
+  or checked once per process (builder.local_copy).
 
   Raises:
     FileNotFoundError: not prepared, with the command that prepares it.
   """
+  # A config.data made by hand (tests, notebooks) may lack the field.
+  cache_dir = (data_config.get('cache_dir') or
+               defaults.get_config().data.cache_dir)
+  key = (data_config.data_dir, data_config.name, cache_dir)
+  if key in _LOCAL_COPIES:
+    return _LOCAL_COPIES[key]
   path = builder.built_dir(data_config.data_dir, data_config.name)
   if path is None:
     dataset = (data_config.name if data_config.name in PREPARED_DATASETS
                else 'voc2012_aug|cityscapes|folder|synthetic')
     raise errors.MissingError(
         f'dataset {data_config.name!r} is not prepared in '
-        f'{os.path.abspath(data_config.data_dir)} (no '
-        f'{data_config.name}/<version>/dataset_info.json). Build it with: '
+        f'{paths.absolute(data_config.data_dir)} (no '
+        f'{data_config.name}/<version>/{builder.INFO_FILE}). Build it with: '
         f'python -m pan_jax.data.prepare --dataset={dataset} '
         f'--source_dir=SRC --data_dir={data_config.data_dir}')
+  if paths.is_url(path):
+    path = builder.local_copy(path, cache_dir)
+    _LOCAL_COPIES[key] = path
   return path
 
 
