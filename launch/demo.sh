@@ -17,7 +17,7 @@ data=${DATA_DIR:-data}
 workdir=runs/demo
 if [ $# -gt 0 ] && [[ "$1" != --* ]]; then workdir=$1; shift; fi
 # Faster CPU training: glibc huge pages (read at process start) and the XLA
-# flags that pan_jax.main sets on CPU (pan_jax/platform_setup.py).
+# flags that every pan_jax command sets on CPU (pan_jax/runtime.py).
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 
 if [ ! -d "$data/synthetic" ]; then

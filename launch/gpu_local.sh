@@ -3,8 +3,9 @@
 # (the mesh's 'data' axis spans them; no jax.distributed needed).
 #   launch/gpu_local.sh CONFIG WORKDIR [--config.x=y ...]
 # Environment: PYTHON (default .venv/bin/python; install the CUDA build with
-# `.venv/bin/pip install -U "jax[cuda12]"`), CUDA_VISIBLE_DEVICES to pick GPUs,
-# DRY_RUN=1 to print the command instead of running it.
+# `.venv/bin/pip install -c constraints.txt -e ".[cuda12]"`),
+# CUDA_VISIBLE_DEVICES to pick GPUs, DRY_RUN=1 to print the command instead
+# of running it.
 # Rerunning the same command resumes from WORKDIR's latest checkpoint.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

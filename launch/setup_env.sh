@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Makes (or reuses) the project's virtual environment and installs what it needs.
-#   launch/setup_env.sh            runtime + test dependencies
-#   launch/setup_env.sh --torch    also torch/torchvision/timm/smp (weight
-#                                  conversion and the PyTorch parity tests)
-# The venv lives in $PAN_JAX_VENV (default: .venv in the repository root).
-# Prints the venv's python on the last line.
+# Makes (or reuses) the project's virtual environment and installs pan_jax
+# into it, editable, with the tested versions (constraints.txt):
+#   launch/setup_env.sh            pan_jax + the dev extra (pytest, the tests'
+#                                  local GCS server) + the gcs extra (gs://)
+#   launch/setup_env.sh --torch    also the torch extra: torch/torchvision/
+#                                  timm/smp (weight conversion and the
+#                                  PyTorch parity tests)
+# i.e. pip install -c constraints.txt -e ".[dev,gcs(,torch)]". The venv lives
+# in $PAN_JAX_VENV (default: .venv in the repository root). Prints the venv's
+# python on the last line.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=${PAN_JAX_VENV:-$root/.venv}
@@ -14,14 +18,16 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv" >&2
   "$venv/bin/pip" install -q --upgrade pip >&2
 fi
-# Reinstall only when the requirement files changed since the last install.
+extras=dev,gcs
+if [ "${1:-}" = "--torch" ]; then extras=dev,gcs,torch; fi
+# Reinstall only when the package's metadata, the pins or the extras changed
+# since the last install.
 stamp="$venv/.pan_jax_requirements"
-want="$root/requirements.txt $root/requirements-test.txt"
-if [ "${1:-}" = "--torch" ]; then want="$want $root/requirements-torch.txt"; fi
-sum=$(cat $want | sha256sum | cut -c1-16)
+sum=$( (cat "$root/pyproject.toml" "$root/constraints.txt"; echo "$extras") |
+      sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || ! grep -qx "$sum" "$stamp"; then
   echo "installing into $venv ..." >&2
-  for f in $want; do "$venv/bin/pip" install -q -r "$f" >&2; done
+  "$venv/bin/pip" install -q -c "$root/constraints.txt" -e "$root[$extras]" >&2
   echo "$sum" >> "$stamp"
 fi
 echo "$venv/bin/python"

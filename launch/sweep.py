@@ -8,10 +8,20 @@ A config file may define (flax convention)
         add(**{'optim.learning_rate': lr, 'model.backbone': backbone})
 
 Each `add(...)` call is one run: its overrides become `--config.KEY=VALUE`
-flags and its workdir is WORKDIR_BASE/<key=value,...>. Usage:
+flags and its workdir is WORKDIR_BASE/<key=value,...>. Two keywords are not
+overrides: `name=` names the run's workdir (WORKDIR_BASE/<name>) and
+`config_arg=` the config file's argument (`--config=FILE:<config_arg>`).
+A file whose `sweep(add, table=None)` takes a table (configs/ablation.py:
+the paper's Tables 1-3) sweeps one table with --table=N. Usage:
 
-  python launch/sweep.py configs/ablation.py [--workdir_base=gs://b/sweep] \
-      [--launcher="launch/tpu_vm.sh"] [--run] [-- --config.x=y ...]
+  python launch/sweep.py configs/ablation.py --table=3 \
+      [--workdir_base=gs://b/ablation] [--launcher="launch/tpu_vm.sh"] \
+      [--evaluate] [--run] [-- --config.model.init_from=DIR ...]
+
+(absl flags; whatever follows `--` is added to every training command).
+With --evaluate each training command is followed by
+`python -m pan_jax.evaluate --checkpoint=WORKDIR`, whose report
+(WORKDIR/eval_val/report.json) launch/results.py puts into the paper's table.
 
 Without --run the commands are printed (one per line, ready for a shell or a
 job array); with --run they are executed one after the other. With a
@@ -20,15 +30,33 @@ command is `LAUNCHER CONFIG WORKDIR overrides...`; otherwise it is
 `python -m pan_jax.main --config=CONFIG --workdir=WORKDIR overrides...`.
 """
 
-import argparse
+import dataclasses
 import importlib.util
+import inspect
 import os
 import re
 import shlex
 import subprocess
 import sys
 
+from absl import app
+from absl import flags
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One run of a sweep.
+
+  Attributes:
+    overrides: {'optim.learning_rate': 0.01, ...}.
+    name: the workdir's name under WORKDIR_BASE ('' = from the overrides).
+    config_arg: the config file's argument ('' = the one given, if any).
+  """
+  overrides: dict[str, object]
+  name: str = ''
+  config_arg: str = ''
 
 
 def load_sweep(config_path: str) -> list[dict[str, object]]:
@@ -44,6 +72,23 @@ def load_sweep(config_path: str) -> list[dict[str, object]]:
   Raises:
     ValueError: the file has no `sweep` function or it added nothing.
   """
+  return [point.overrides for point in load_points(config_path)]
+
+
+def load_points(config_path: str, table: int | None = None) -> list[Point]:
+  """The runs that the file's `sweep(add)` (or `sweep(add, table)`) adds.
+
+  Args:
+    config_path: a config file (a path, optionally with ':arg').
+    table: passed to `sweep(add, table=table)` when given.
+
+  Returns:
+    One Point per add() call.
+
+  Raises:
+    ValueError: no `sweep` function, one that takes no table although
+      `table` is given, or nothing added.
+  """
   path = config_path.split(':', 1)[0]
   if _REPO not in sys.path:
     sys.path.insert(0, _REPO)  # Config files import `configs.base`.
@@ -56,10 +101,18 @@ def load_sweep(config_path: str) -> list[dict[str, object]]:
     raise ValueError(f'{path} defines no sweep(add) function.')
   points = []
 
-  def add(**overrides):
-    points.append({k.removeprefix('config.'): v for k, v in overrides.items()})
+  def add(name='', config_arg='', **overrides):
+    points.append(Point(
+        {k.removeprefix('config.'): v for k, v in overrides.items()},
+        str(name), str(config_arg)))
 
-  module.sweep(add)
+  if table is None:
+    module.sweep(add)
+  elif 'table' in inspect.signature(module.sweep).parameters:
+    module.sweep(add, table=table)
+  else:
+    raise ValueError(f'sweep(add) in {path} takes no table; --table is for '
+                     'files such as configs/ablation.py.')
   if not points:
     raise ValueError(f'sweep(add) in {path} added no point.')
   return points
@@ -79,45 +132,76 @@ def point_name(overrides: dict[str, object]) -> str:
 
 
 def commands(config_path: str, workdir_base: str, launcher: str = '',
-             extra: tuple[str, ...] = ()) -> list[list[str]]:
-  """The command (argv list) of every point of the sweep."""
+             extra: tuple[str, ...] = (), table: int | None = None,
+             evaluate: bool = False) -> list[list[str]]:
+  """The commands (argv lists) of every point of the sweep, in order.
+
+  Args:
+    config_path: the config file (optionally with ':arg').
+    workdir_base: each run trains in WORKDIR_BASE/<point name>.
+    launcher: e.g. 'launch/gpu_local.sh' (default: python -m pan_jax.main).
+    extra: flags added to every training command.
+    table: the table to sweep (files whose sweep takes one).
+    evaluate: follow each training command by its evaluation.
+
+  Returns:
+    One training command per point (each followed by its evaluate command
+    when `evaluate`).
+  """
   result = []
-  for overrides in load_sweep(config_path):
-    workdir = f'{workdir_base.rstrip("/")}/{point_name(overrides)}'
-    flags = [f'--config.{k}={_flag_value(v)}' for k, v in overrides.items()]
+  for point in load_points(config_path, table):
+    name = point.name or point_name(point.overrides)
+    workdir = f'{workdir_base.rstrip("/")}/{name}'
+    config = config_path
+    if point.config_arg:
+      config = f'{config_path.split(":", 1)[0]}:{point.config_arg}'
+    flags = [f'--config.{k}={_flag_value(v)}'
+             for k, v in point.overrides.items()]
     flags += list(extra)
     if launcher:
-      result.append(shlex.split(launcher) + [config_path, workdir] + flags)
+      result.append(shlex.split(launcher) + [config, workdir] + flags)
     else:
       result.append([sys.executable, '-m', 'pan_jax.main',
-                     f'--config={config_path}', f'--workdir={workdir}']
-                    + flags)
+                     f'--config={config}', f'--workdir={workdir}'] + flags)
+    if evaluate:
+      result.append([sys.executable, '-m', 'pan_jax.evaluate',
+                     f'--checkpoint={workdir}'])
   return result
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('config_file', nargs='?', default=None,
-                      help='config file (or --config=FILE)')
-  parser.add_argument('--config', default=None)
-  parser.add_argument('--workdir_base', default='runs/sweep',
-                      help='each point trains in WORKDIR_BASE/<name>')
-  parser.add_argument('--launcher', default='',
-                      help='e.g. launch/gpu_local.sh (default: python -m)')
-  parser.add_argument('--run', action='store_true',
-                      help='run the commands one after the other')
-  parser.add_argument('extra', nargs='*',
-                      help='flags added to every command (after --)')
-  args = parser.parse_args(argv)
-  config = args.config or args.config_file
+def _define_flags() -> None:
+  """The script's flags (absl, as every pan_jax command)."""
+  flags.DEFINE_string('config', None, 'Config file (or give it positionally).')
+  flags.DEFINE_string('workdir_base', 'runs/sweep',
+                      'Each point trains in WORKDIR_BASE/<name>.')
+  flags.DEFINE_string('launcher', '',
+                      'e.g. launch/gpu_local.sh (default: python -m).')
+  flags.DEFINE_bool('run', False, 'Run the commands one after the other.')
+  flags.DEFINE_integer('table', None,
+                       'Sweep one table of the paper (configs/ablation.py: '
+                       '1, 2 or 3).')
+  flags.DEFINE_bool('evaluate', False,
+                    'Follow each training command by python -m '
+                    'pan_jax.evaluate on its workdir.')
+
+
+def main(argv):
+  """Prints (or runs) the sweep's commands; argv: [CONFIG] [-- extra flags]."""
+  args = list(argv[1:])
+  config = flags.FLAGS.config
+  if args and not config and not args[0].startswith('--'):
+    config = args.pop(0)
   if not config:
-    parser.error('give a config file: launch/sweep.py configs/X.py')
-  for command in commands(config, args.workdir_base, args.launcher,
-                          tuple(args.extra)):
+    raise app.UsageError('give a config file: launch/sweep.py configs/X.py')
+  for command in commands(config, flags.FLAGS.workdir_base,
+                          flags.FLAGS.launcher, tuple(args),
+                          table=flags.FLAGS.table,
+                          evaluate=flags.FLAGS.evaluate):
     print(shlex.join(command), flush=True)
-    if args.run:
+    if flags.FLAGS.run:
       subprocess.run(command, check=True, cwd=_REPO)
 
 
 if __name__ == '__main__':
-  main()
+  _define_flags()
+  app.run(main)

@@ -1,8 +1,21 @@
-"""Evaluation over a whole split; `python -m pan_jax.evaluate`.
+"""Evaluation over a whole split, and the command python -m pan_jax.evaluate.
 
-    python -m pan_jax.evaluate --checkpoint=RUN_OR_EXPORT --data_dir=DATA \
-        [--split=val] [--step=N] [--scales=0.5,0.75,1.0,1.25,1.5,1.75] \
-        [--flip] [--mode=whole|slide] [--output=OUT]
+    python -m pan_jax.evaluate --checkpoint=RUN_OR_EXPORT --data_dir=DATA
+        [--split=val] [--step=N] [--scales=0.5,0.75,1.0,1.25,1.5,1.75]
+        [--flip] [--mode=whole|slide] [--output=OUT] [--config.x=y ...]
+        [--protocols=table5 | --protocols=ss,ms,ms_flip]
+        [--format=voc_test|cityscapes_test]
+
+--checkpoint is a training workdir, an inference checkpoint or a converted
+network (checkpoints.load); its saved config is used, with --config.x=y
+overrides on top (e.g. --config.eval.canvas_size="(640, 640)", or
+--config.eval.padding=divisor for MMSegmentation's padding protocol).
+
+--protocols scores the split once per protocol (PROTOCOLS: single scale,
+multi-scale, multi-scale + flip, the three rows of the paper's Table 5),
+each into OUT/<protocol>/report.json, and prints the rows side by side.
+--format also writes the benchmark server's files (submission.py), and is
+what a split without labels (a test split) is evaluated for.
 
 Correct by construction:
 * Every image of the split is counted exactly once: the data pipeline gives
@@ -24,7 +37,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Tuple)
 
 from absl import app
 from absl import flags
@@ -34,17 +48,34 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from pan_jax import checkpoints
+from pan_jax import defaults
+from pan_jax import errors
 from pan_jax import inference
 from pan_jax import metrics
+from pan_jax import models
+from pan_jax import paths
 from pan_jax import runtime
 from pan_jax import sharding
+from pan_jax import submission
 from pan_jax import visualize
+from pan_jax.data import pipeline
+from pan_jax.data import sources
+from pan_jax.data import transforms
 from pan_jax.models import layers
 
 REPORT_FILE = 'report.json'
 CONFUSION_FILE = 'confusion_matrix.png'
 OVERLAY_DIR = 'overlays'
 _INT32_MAX = 2**31 - 1
+# DeepLabv3's six test scales.
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# Evaluation protocols by name: (scales, flip). ss / ms / ms_flip are the
+# rows of the paper's Table 5 (--protocols=table5).
+PROTOCOLS = {'ss': ((1.0,), False), 'ms': (MULTI_SCALES, False),
+             'ms_flip': (MULTI_SCALES, True)}
+PROTOCOL_SETS = {'table5': ('ss', 'ms', 'ms_flip')}
+PROTOCOLS_FILE = 'protocols.json'
 
 # Jitted eval steps by (id(model), num_classes, options, mesh): the training
 # loop validates many times with the same model, and re-jitting a new closure
@@ -115,7 +146,9 @@ def evaluate_batches(model: Any, variables: Any,
                      batches: Iterable[Dict[str, np.ndarray]],
                      num_classes: int, mesh: jax.sharding.Mesh,
                      options: inference.InferenceOptions, *,
-                     progress: bool = False, num_samples: int = 0
+                     progress: bool = False, num_samples: int = 0,
+                     on_batch: Optional[Callable[[Dict[str, np.ndarray],
+                                                  np.ndarray], None]] = None
                      ) -> Tuple[Dict[str, Any], List[Dict[str, np.ndarray]]]:
   """Runs the model over this process's batches and scores the global sum.
 
@@ -133,6 +166,8 @@ def evaluate_batches(model: Any, variables: Any,
     progress: show a progress bar (process 0).
     num_samples: keep this many of process 0's first valid examples for
       overlays.
+    on_batch: called on every process as on_batch(local batch, predictions
+      int32 [b, Hc, Wc] of its rows), e.g. a submission.Writer.
 
   Returns:
     (result, samples): result as in `evaluate_dataset`; samples a list of
@@ -165,6 +200,8 @@ def evaluate_batches(model: Any, variables: Any,
     confusion, num_images, predictions = eval_step(variables, batch,
                                                    confusion, num_images)
     pixels += batch_pixels
+    if on_batch is not None:
+      on_batch(local, _process_rows(predictions))
     if len(samples) < keep:
       samples.extend(_samples(local, _process_rows(predictions),
                               keep - len(samples)))
@@ -205,17 +242,18 @@ def evaluate_dataset(model: Any, variables: Any, config: Any, meta: Any,
 
 
 def _evaluate_split(model, variables, config, meta, mesh, split, options,
-                    progress, num_samples):
+                    progress, num_samples, on_batch=None):
   """evaluate_dataset, also returning overlay samples."""
-  from pan_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if options is None:
-    options = inference.InferenceOptions.from_config(config.eval)
+    options = inference.InferenceOptions.from_config(
+        config.eval, min_size=models.min_input_size(config))
   batch_size = global_batch_size(config.eval.batch_size, mesh)
   batches = pipeline.build_eval_iter(
       config, split=split, batch_size=batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count())
   return evaluate_batches(model, variables, batches, meta.num_classes, mesh,
-                          options, progress=progress, num_samples=num_samples)
+                          options, progress=progress, num_samples=num_samples,
+                          on_batch=on_batch)
 
 
 def global_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
@@ -312,14 +350,12 @@ def format_table(result: Dict[str, Any], class_names: Sequence[str]) -> str:
 def write_outputs(output: str, result: Dict[str, Any], meta: Any,
                   samples: Sequence[Dict[str, Any]],
                   extra: Dict[str, Any]) -> None:
-  """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png."""
-  from pan_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  os.makedirs(output, exist_ok=True)
+  """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png.
+
+  OUT may be local or gs://; each file is written atomically.
+  """
   text = json.dumps(report(result, meta, **extra), indent=2)
-  temporary = os.path.join(output, f'.{REPORT_FILE}.tmp')
-  with open(temporary, 'w') as f:
-    f.write(text + '\n')
-  os.replace(temporary, os.path.join(output, REPORT_FILE))
+  paths.write_bytes(os.path.join(output, REPORT_FILE), (text + '\n').encode())
   visualize.save_png(
       os.path.join(output, CONFUSION_FILE),
       visualize.confusion_image(result['confusion_matrix'], meta.class_names))
@@ -338,23 +374,13 @@ def write_outputs(output: str, result: Dict[str, Any], meta: Any,
 
 
 def _define_flags() -> None:
-  """The CLI's flags (only when run as a program; this is also a library)."""
-  flags.DEFINE_string('checkpoint', None,
-                      'Training workdir or exported inference checkpoint.')
+  """The command's flags (defined when run as a program, as every command)."""
+  runtime.define_checkpoint_flags('to evaluate')
+  runtime.define_inference_flags()
   flags.DEFINE_string('data_dir', None,
                       'Prepared datasets (default: the config\'s).')
   flags.DEFINE_string('split', None,
                       'Split to evaluate (default config.data.eval_split).')
-  flags.DEFINE_integer('step', None,
-                       'Checkpoint step of a workdir (default: the latest).')
-  flags.DEFINE_list('scales', None,
-                    'Test-time scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 '
-                    '(default config.eval.scales).')
-  flags.DEFINE_boolean('flip', None,
-                       'Also average the flipped image (default '
-                       'config.eval.flip).')
-  flags.DEFINE_enum('mode', None, list(inference.MODES),
-                    'whole or slide (default config.eval.mode).')
   flags.DEFINE_integer('batch_size', None,
                        'Images per batch over all devices (default '
                        'config.eval.batch_size).')
@@ -363,7 +389,54 @@ def _define_flags() -> None:
                        'config.eval.num_overlays).')
   flags.DEFINE_string('output', None,
                       'Report directory (default CHECKPOINT/eval_<split>).')
-  flags.mark_flag_as_required('checkpoint')
+  flags.DEFINE_list(
+      'protocols', None,
+      'Score the split once per protocol, each in OUTPUT/<protocol>/: '
+      f'{", ".join(PROTOCOLS)}, or table5 (= ss,ms,ms_flip, the paper\'s '
+      'Table 5). Instead of --scales/--flip.')
+  flags.DEFINE_enum(
+      'format', None, list(submission.FORMATS),
+      'Also write the benchmark server\'s files into OUTPUT/<format>/ '
+      '(needed for a split without labels).')
+  flags.adopt_module_key_flags(runtime)  # --help lists them too.
+
+
+def protocol_runs(protocols: Sequence[str]
+                  ) -> List[Tuple[str, Tuple[float, ...], bool]]:
+  """(name, scales, flip) of each protocol named (sets expanded, once each).
+
+  Args:
+    protocols: names from PROTOCOLS or PROTOCOL_SETS.
+
+  Returns:
+    The protocols in the order given.
+
+  Raises:
+    errors.UsageError: an unknown name.
+  """
+  names = []
+  for name in protocols:
+    if name not in PROTOCOLS and name not in PROTOCOL_SETS:
+      raise errors.UsageError(
+          f'--protocols: unknown protocol {name!r}; valid: '
+          f'{", ".join(list(PROTOCOLS) + list(PROTOCOL_SETS))}')
+    names.extend(PROTOCOL_SETS.get(name, (name,)))
+  return [(name, *PROTOCOLS[name]) for name in dict.fromkeys(names)]
+
+
+def format_protocols(reports: Mapping[str, Mapping[str, Any]]) -> str:
+  """One line per protocol: scales, flip, mIoU and accuracies (percent)."""
+  def percent(value):
+    return '     -' if value is None else f'{100 * value:6.2f}'
+
+  lines = ['protocol  flip    mIoU  pix acc  mean acc  scales']
+  for name, rep in reports.items():
+    lines.append(
+        f'{name:<8}  {"yes" if rep["flip"] else "no":<4}  '
+        f'{percent(rep["miou"])}  {percent(rep["pixel_accuracy"]):>7}  '
+        f'{percent(rep["mean_accuracy"]):>8}  '
+        f'{",".join(str(x) for x in rep["scales"])}')
+  return '\n'.join(lines)
 
 
 def run(checkpoint: str, *, data_dir: Optional[str] = None,
@@ -371,11 +444,13 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
         scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
         mode: Optional[str] = None, batch_size: Optional[int] = None,
         num_overlays: Optional[int] = None, output: Optional[str] = None,
-        progress: bool = True) -> Dict[str, Any]:
+        config_overrides: Optional[Mapping[str, Any]] = None,
+        progress: bool = True, protocols: Optional[Sequence[str]] = None,
+        output_format: Optional[str] = None) -> Dict[str, Any]:
   """What the CLI does; None arguments take the checkpoint config's values.
 
   Args:
-    checkpoint: training workdir or inference checkpoint.
+    checkpoint: training workdir, inference checkpoint or converted network.
     data_dir: prepared datasets (config.data.data_dir).
     split: split to evaluate (config.data.eval_split).
     step: checkpoint step of a workdir (the latest).
@@ -385,42 +460,101 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
     batch_size: images per batch over all devices (config.eval.batch_size).
     num_overlays: overlay PNGs to write (config.eval.num_overlays).
     output: report directory (CHECKPOINT/eval_<split>).
+    config_overrides: {dotted path: value} set on the saved config first
+      (--config.x=y); the arguments above take precedence.
     progress: show a progress bar.
+    protocols: instead of scales/flip, score once per protocol (names of
+      PROTOCOLS / PROTOCOL_SETS), each into OUTPUT/<protocol>/.
+    output_format: also write the benchmark server's files (one of
+      submission.FORMATS) into OUTPUT/<format>/.
 
   Returns:
-    The report (also written to OUTPUT/report.json by process 0).
+    The report (also written to OUTPUT/report.json by process 0); with
+    `protocols`, {'protocols': {name: report}} (OUTPUT/protocols.json).
+
+  Raises:
+    errors.UsageError: protocols with scales, flip or a format; a format
+      for other classes; a split without labels and no format.
   """
-  from pan_jax import export  # pylint: disable=g-import-not-at-top
-  from pan_jax import models  # pylint: disable=g-import-not-at-top
-  config, meta, variables, step = export.load(checkpoint, step)
+  if protocols and (scales is not None or flip is not None or
+                    output_format):
+    raise errors.UsageError(
+        '--protocols sets the scales and flip of each protocol; give it '
+        'without --scales, --flip and --format')
+  config, meta, variables, step = checkpoints.load(checkpoint, step)
+  defaults.override(config, config_overrides or {})
   if data_dir:
     config.data.data_dir = data_dir
   if batch_size:
     config.eval.batch_size = batch_size
-  options = inference.InferenceOptions.from_config(
-      config.eval, mode=mode, scales=scales, flip=flip)
-  config.eval.mode = options.mode  # The pipeline's canvas check reads it.
   split = split or config.data.eval_split
+  # Scores (and server files) count class ids: they must mean the same
+  # classes in the checkpoint and the dataset.
+  sources.check_classes(
+      meta, sources.get_meta(config.data), f'checkpoint {checkpoint}',
+      f'dataset {config.data.name} in {config.data.data_dir}')
+  if output_format:
+    submission.check_format(output_format, meta)
+  labeled = sources.has_labels(config.data, split)
+  if not labeled and not output_format:
+    raise errors.UsageError(
+        f'split {split!r} of {config.data.name} has no labels (a benchmark '
+        'test split), so there is nothing to score; write the server\'s '
+        f'files with --format={"|".join(submission.FORMATS)}')
   if num_overlays is None:
     num_overlays = config.eval.num_overlays
   output = output or os.path.join(checkpoint, f'eval_{split}')
   model = models.create_model(config, meta.num_classes)
   mesh = sharding.make_mesh()
-  logging.info('Evaluating %s (step %s) on %s/%s: %s, %d device(s)',
-               checkpoint, step, config.data.name, split, options,
-               mesh.devices.size)
-  result, samples = _evaluate_split(model, variables, config, meta, mesh,
-                                    split, options, progress=progress,
-                                    num_samples=num_overlays)
-  extra = {'checkpoint': os.path.abspath(checkpoint), 'step': step,
-           'dataset': config.data.name, 'split': split,
-           'mode': options.mode, 'scales': list(options.scales),
-           'flip': options.flip}
+  runs = (protocol_runs(protocols) if protocols else
+          [(None, scales, flip)])
+  reports = {}
+  for name, run_scales, run_flip in runs:
+    options = inference.InferenceOptions.from_config(
+        config.eval, mode=mode, scales=run_scales, flip=run_flip,
+        min_size=models.min_input_size(config))
+    config.eval.mode = options.mode  # The pipeline's canvas check reads it.
+    writer = (submission.Writer(output_format, output,
+                                sources.file_names(config.data, split))
+              if output_format else None)
+    logging.info('Evaluating %s (step %s) on %s/%s: %s, %d device(s)',
+                 checkpoint, step, config.data.name, split, options,
+                 mesh.devices.size)
+    result, samples = _evaluate_split(model, variables, config, meta, mesh,
+                                      split, options, progress=progress,
+                                      num_samples=num_overlays,
+                                      on_batch=writer)
+    extra = {'checkpoint': paths.absolute(checkpoint), 'step': step,
+             'dataset': config.data.name, 'split': split,
+             'mode': options.mode, 'scales': list(options.scales),
+             'flip': options.flip, 'padding': options.padding,
+             'size_divisor': options.size_divisor, 'labeled': labeled}
+    if name is not None:
+      extra['protocol'] = name
+    if writer is not None:
+      extra['submission'] = writer.summary()
+    where = output if name is None else os.path.join(output, name)
+    if jax.process_index() == 0:
+      write_outputs(where, result, meta, samples, extra)
+      if labeled:
+        print(format_table(result, meta.class_names), file=sys.stdout)
+      print(f'report: {os.path.join(where, REPORT_FILE)}', file=sys.stdout)
+      if writer is not None:
+        print(f'{output_format} files: {writer.directory} (archive: '
+              f'{extra["submission"]["archive_command"]})', file=sys.stdout)
+    reports[name] = report(result, meta, **extra)
+  if not protocols:
+    return reports[None]
   if jax.process_index() == 0:
-    write_outputs(output, result, meta, samples, extra)
-    print(format_table(result, meta.class_names), file=sys.stdout)
-    print(f'report: {os.path.join(output, REPORT_FILE)}', file=sys.stdout)
-  return report(result, meta, **extra)
+    checkpoints.files.write_json(os.path.join(output, PROTOCOLS_FILE), {
+        'checkpoint': paths.absolute(checkpoint), 'step': step,
+        'split': split, 'protocols': [
+            {key: rep[key] for key in (
+                'protocol', 'scales', 'flip', 'padding', 'miou',
+                'pixel_accuracy', 'mean_accuracy', 'num_images')}
+            for rep in reports.values()]})
+    print(format_protocols(reports), file=sys.stdout)
+  return {'protocols': reports}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -430,13 +564,17 @@ def main(argv: Sequence[str]) -> None:
   flag_values = flags.FLAGS
   run(flag_values.checkpoint, data_dir=flag_values.data_dir,
       split=flag_values.split, step=flag_values.step,
-      scales=([float(s) for s in flag_values.scales]
-              if flag_values.scales else None),
-      flip=flag_values.flip, mode=flag_values.mode,
-      batch_size=flag_values.batch_size,
-      num_overlays=flag_values.num_overlays, output=flag_values.output)
+      **runtime.inference_flag_values(), batch_size=flag_values.batch_size,
+      num_overlays=flag_values.num_overlays, output=flag_values.output,
+      config_overrides=runtime.config_overrides(),
+      protocols=flag_values.protocols, output_format=flag_values.format)
+
+
+def cli() -> None:
+  """The console script pan-jax-evaluate (= python -m pan_jax.evaluate)."""
+  _define_flags()
+  runtime.run(main)
 
 
 if __name__ == '__main__':
-  _define_flags()
-  runtime.run(main)
+  cli()

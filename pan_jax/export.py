@@ -1,19 +1,24 @@
-"""Inference checkpoints and StableHLO export; `python -m pan_jax.export`.
+"""The export command and the StableHLO artefacts: python -m pan_jax.export.
 
-An inference checkpoint is what evaluation, prediction and serving need and
-nothing more:
+    python -m pan_jax.export --checkpoint=RUN --output=EXPORT [--step=N]
+        [--serving [--serving_logits]] [--config.x=y ...]
 
-  EXPORT/
-    config.json       the training config (config.to_json())
-    dataset.json      the dataset's metadata (class names, palette, ...)
-    variables/        Orbax StandardCheckpointer item {'params', 'batch_stats'}
-    export.json       where it came from: {'step', 'source', ...} (optional)
-    model.stablehlo   jax.export artefact (only when written by this CLI)
-    model.json        what model.stablehlo takes and returns
+writes an inference checkpoint (checkpoints/exported.py: config.json,
+dataset.json, variables/, export.json) of a training workdir's step, plus
+model.stablehlo (a jax.export artefact) and model.json (what it takes and
+returns, and how to call it).
 
-`load(path)` reads an inference checkpoint or a training workdir alike.
+With --serving the artefact is what a server calls: uint8 RGB images
+[b, H, W, 3] in, int32 class ids [b, H, W] out (with --serving_logits also
+float32 logits [b, H, W, K]), the ImageNet normalisation inside, and b, H
+and W all symbolic: any batch and any H, W >= models.min_input_size(config)
+(H and W need not be multiples of anything; each new shape is compiled once
+by the caller's jax). Its ids are those of `predict.Predictor` with
+single-scale whole-image inference and eval.padding 'exact' (the network
+sees each image at its own size; tested on several sizes), whatever the
+checkpoint's config.eval says.
 
-The StableHLO artefact is `jax.export` of
+Without --serving, the artefact is `jax.export` of
 
     serve(variables, images) = model.apply(variables, images, train=False)
 
@@ -28,14 +33,12 @@ needs jax and orbax only, not pan_jax:
     with open('EXPORT/model.stablehlo', 'rb') as f:
       exported = jax.export.deserialize(bytearray(f.read()))
     variables = ocp.StandardCheckpointer().restore('/abs/EXPORT/variables')
-    logits = exported.call(variables, images)   # images [b, H, W, 3]
+    logits = exported.call(variables, images)  # images [b, H, W, 3]
 """
 
-import json
 import os
-import shutil
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -44,124 +47,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from pan_jax import checkpoints
+from pan_jax import defaults
+from pan_jax import errors
+from pan_jax import models
+from pan_jax import paths
 from pan_jax import runtime
+from pan_jax.checkpoints import files
+from pan_jax.data import transforms
 
-CONFIG_FILE = 'config.json'
-DATASET_FILE = 'dataset.json'
-VARIABLES_DIR = 'variables'
-INFO_FILE = 'export.json'
 STABLEHLO_FILE = 'model.stablehlo'
 STABLEHLO_INFO_FILE = 'model.json'
 # Platforms the StableHLO artefact is lowered for (one artefact runs on all).
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
-
-
-def is_inference_checkpoint(path: str) -> bool:
-  """True if `path` holds an inference checkpoint (has variables/)."""
-  return os.path.isdir(os.path.join(path, VARIABLES_DIR))
-
-
-def load(path: str, step: Optional[int] = None
-         ) -> Tuple[ml_collections.ConfigDict, Any, Dict[str, Any],
-                    Optional[int]]:
-  """Reads a training workdir or an inference checkpoint.
-
-  Args:
-    path: a training workdir (config.json, dataset.json, checkpoints/) or an
-      inference checkpoint (config.json, dataset.json, variables/).
-    step: for a workdir, the step to read (None = the latest); an inference
-      checkpoint holds one step and rejects a different one.
-
-  Returns:
-    (config, meta, variables, step): the ConfigDict, the DatasetMeta,
-    {'params', 'batch_stats'} as trees of NumPy arrays, and the training step
-    (None when an inference checkpoint does not record it).
-
-  Raises:
-    FileNotFoundError: `path` is neither, or lacks a file (named).
-    ValueError: `step` does not match the inference checkpoint's.
-  """
-  from pan_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from pan_jax.data import sources  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'checkpoint directory {path!r} does not exist')
-  config = ml_collections.ConfigDict(_read_json(path, CONFIG_FILE))
-  with open(_required(path, DATASET_FILE)) as f:
-    meta = sources.DatasetMeta.from_json(f.read())
-  if is_inference_checkpoint(path):
-    info = (_read_json(path, INFO_FILE)
-            if os.path.exists(os.path.join(path, INFO_FILE)) else {})
-    saved_step = info.get('step')
-    if step is not None and step != saved_step:
-      raise ValueError(
-          f'{path} is an inference checkpoint of step {saved_step}; it '
-          f'cannot give step {step}')
-    variables = restore_variables(os.path.join(path, VARIABLES_DIR))
-    return config, meta, variables, saved_step
-  if not os.path.isdir(os.path.join(path, checkpointing.CHECKPOINT_DIR)):
-    raise FileNotFoundError(
-        f'{path} is neither a training workdir (no '
-        f'{checkpointing.CHECKPOINT_DIR}/) nor an inference checkpoint (no '
-        f'{VARIABLES_DIR}/)')
-  variables, step = checkpointing.restore_variables(path, step)
-  return config, meta, variables, step
-
-
-def restore_variables(directory: str) -> Dict[str, Any]:
-  """Reads an Orbax StandardCheckpointer item as NumPy arrays.
-
-  The target is built from the item's own metadata with NumPy leaves, so the
-  restore works on any device count, whatever sharding the writer had.
-
-  Args:
-    directory: the item directory (EXPORT/variables).
-
-  Returns:
-    The saved tree with np.ndarray leaves.
-  """
-  directory = os.path.abspath(directory)
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(directory).item_metadata
-  tree = getattr(metadata, 'tree', metadata)
-  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), tree)
-  return checkpointer.restore(directory, target)
-
-
-def save_inference_checkpoint(path: str, config: ml_collections.ConfigDict,
-                              meta: Any, variables: Dict[str, Any],
-                              step: Optional[int] = None,
-                              source: Optional[str] = None) -> None:
-  """Writes an inference checkpoint at `path` (a new directory).
-
-  Everything is written to a temporary sibling directory that is renamed to
-  `path` at the end, so `path` is either absent or complete.
-
-  Args:
-    path: destination; must not exist yet.
-    config: the model's ConfigDict.
-    meta: the DatasetMeta (a dataclass with to_json()).
-    variables: {'params', 'batch_stats'} (any arrays; written as NumPy).
-    step: training step the variables come from, recorded in export.json.
-    source: where they came from (recorded).
-  """
-  path = os.path.abspath(path)
-  if os.path.exists(path):
-    raise FileExistsError(f'{path} already exists; choose a new --output')
-  temporary = f'{path}.tmp-{os.getpid()}'
-  shutil.rmtree(temporary, ignore_errors=True)
-  os.makedirs(temporary)
-  variables = {name: jax.device_get(variables[name])
-               for name in ('params', 'batch_stats')}
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(temporary, VARIABLES_DIR), variables)
-  checkpointer.wait_until_finished()
-  _write_text(temporary, CONFIG_FILE, config.to_json(indent=2))
-  _write_text(temporary, DATASET_FILE, meta.to_json())
-  _write_text(temporary, INFO_FILE, json.dumps(
-      {'step': step, 'source': source}, indent=2))
-  os.replace(temporary, path)
 
 
 def export_stablehlo(model: Any, variables: Dict[str, Any],
@@ -184,116 +83,218 @@ def export_stablehlo(model: Any, variables: Dict[str, Any],
     return model.apply(variables, images, train=False)
 
   batch, = jax.export.symbolic_shape('b', constraints=('b >= 1',))
-  variable_specs = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
-      variables)
   image_spec = jax.ShapeDtypeStruct(
       (batch, int(crop_size[0]), int(crop_size[1]), 3), jnp.float32)
   return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
-      variable_specs, image_spec)
+      _specs(variables), image_spec)
+
+
+def export_serving(model: Any, variables: Dict[str, Any], min_size: int,
+                   platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                   logits: bool = False) -> jax.export.Exported:
+  """jax.export of uint8 images [b, H, W, 3] -> int32 class ids [b, H, W].
+
+  The program normalises the images as `transforms.normalize` does, runs the
+  model at the images' size (telling it that size, as the Predictor does)
+  and takes the argmax of the softmax probabilities: `predict.Predictor`
+  with single-scale whole-image inference.
+
+  Args:
+    model: the linen Module.
+    variables: {'params', 'batch_stats'} (only shapes and dtypes are used).
+    min_size: smallest H and W (models.min_input_size), a constraint of the
+      symbolic shape.
+    platforms: platforms to lower for ('cpu', 'cuda', 'rocm', 'tpu').
+    logits: also return the float32 logits [b, H, W, K].
+
+  Returns:
+    The Exported; call it as `exported.call(variables, images)`, b, H and W
+    symbolic (b >= 1, H and W >= min_size).
+  """
+  scale = jnp.asarray(1.0 / transforms.IMAGENET_STD, jnp.float32)
+  offset = jnp.asarray(-transforms.IMAGENET_MEAN / transforms.IMAGENET_STD,
+                       jnp.float32)
+
+  def serve(variables, images):
+    batch, height, width, _ = images.shape
+    sizes = jnp.broadcast_to(jnp.array([height, width], jnp.int32),
+                             (batch, 2))
+    scores = model.apply(variables, images.astype(jnp.float32) * scale +
+                         offset, train=False, image_sizes=sizes)
+    ids = jnp.argmax(jax.nn.softmax(scores, axis=-1), axis=-1)
+    ids = ids.astype(jnp.int32)
+    return (ids, scores) if logits else ids
+
+  shape = jax.export.symbolic_shape(
+      'b, h, w', constraints=('b >= 1', f'h >= {int(min_size)}',
+                              f'w >= {int(min_size)}'))
+  image_spec = jax.ShapeDtypeStruct(shape + (3,), jnp.uint8)
+  return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
+      _specs(variables), image_spec)
+
+
+def _specs(variables: Dict[str, Any]) -> Dict[str, Any]:
+  """ShapeDtypeStructs of a variables tree."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
+      variables)
 
 
 def load_stablehlo(path: str) -> jax.export.Exported:
   """Deserializes EXPORT/model.stablehlo (or the file `path`)."""
-  if os.path.isdir(path):
+  if paths.isdir(path):
     path = os.path.join(path, STABLEHLO_FILE)
-  with open(path, 'rb') as f:
-    return jax.export.deserialize(bytearray(f.read()))
+  return jax.export.deserialize(bytearray(paths.read_bytes(path)))
+
+
+# How to serve the --serving artefact with jax and orbax only (model.json's
+# 'example'; the README shows the same and tests/test_export.py runs it).
+SERVING_EXAMPLE = """\
+# POST an .npy uint8 [H, W, 3] image, get an .npy int32 [H, W] mask back.
+import http.server, io
+import jax, numpy as np, orbax.checkpoint as ocp
+
+EXPORT = '/abs/path/EXPORT'
+with open(f'{EXPORT}/model.stablehlo', 'rb') as f:
+  model = jax.export.deserialize(bytearray(f.read()))
+variables = ocp.StandardCheckpointer().restore(f'{EXPORT}/variables')
+
+class Handler(http.server.BaseHTTPRequestHandler):
+  def do_POST(self):
+    body = self.rfile.read(int(self.headers['Content-Length']))
+    ids = model.call(variables, np.load(io.BytesIO(body))[None])[0]
+    out = io.BytesIO()
+    np.save(out, np.asarray(ids))
+    self.send_response(200)
+    self.end_headers()
+    self.wfile.write(out.getvalue())
+
+server = http.server.HTTPServer(('', 8000), Handler)
+server.serve_forever()
+"""
 
 
 def write_stablehlo(path: str, exported: jax.export.Exported,
-                    config: ml_collections.ConfigDict, meta: Any) -> None:
-  """Writes model.stablehlo and its description model.json into `path`."""
-  from pan_jax.data import transforms  # pylint: disable=g-import-not-at-top
-  _write_bytes(path, STABLEHLO_FILE, exported.serialize())
-  height, width = exported.in_avals[-1].shape[1:3]
-  _write_text(path, STABLEHLO_INFO_FILE, json.dumps({
-      'call': 'exported.call(variables, images) -> logits',
-      'variables': f'the tree in {VARIABLES_DIR}/ ({{params, batch_stats}})',
-      'images': f'float32 [b, {height}, {width}, 3], RGB, '
-                '(pixel - mean) / std on the 0-255 scale',
-      'logits': f'float32 [b, {height}, {width}, {meta.num_classes}]',
-      'mean': [float(v) for v in transforms.IMAGENET_MEAN],
-      'std': [float(v) for v in transforms.IMAGENET_STD],
+                    config: ml_collections.ConfigDict, meta: Any,
+                    serving: bool = False) -> None:
+  """Writes model.stablehlo and its description model.json into `path`.
+
+  Args:
+    path: the export directory.
+    exported: from export_stablehlo, or export_serving (serving=True).
+    config: the export's config.
+    meta: its DatasetMeta.
+    serving: whether `exported` is the serving artefact.
+  """
+  paths.write_bytes(os.path.join(path, STABLEHLO_FILE), exported.serialize())
+  common = {
+      'variables': (f'the tree in {files.VARIABLES_DIR}/ '
+                    '({params, batch_stats})'),
       'platforms': list(exported.platforms),
       'class_names': list(meta.class_names),
       'compute_dtype': config.compute_dtype,
-  }, indent=2))
-
-
-def _required(path: str, name: str) -> str:
-  full = os.path.join(path, name)
-  if not os.path.exists(full):
-    raise FileNotFoundError(f'{full} is missing: {path} is not a training '
-                            'workdir or inference checkpoint written by '
-                            'pan_jax')
-  return full
-
-
-def _read_json(path: str, name: str) -> Dict[str, Any]:
-  full = _required(path, name)
-  with open(full) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{full} is not valid JSON: {e}') from e
-
-
-def _write_bytes(directory: str, name: str, data: bytes) -> None:
-  """Writes directory/name atomically."""
-  temporary = os.path.join(directory, f'.{name}.tmp')
-  with open(temporary, 'wb') as f:
-    f.write(data)
-  os.replace(temporary, os.path.join(directory, name))
-
-
-def _write_text(directory: str, name: str, text: str) -> None:
-  _write_bytes(directory, name, (text.rstrip('\n') + '\n').encode())
+  }
+  if serving:
+    logits = len(exported.out_avals) == 2
+    info = {
+        'call': 'exported.call(variables, images) -> ' + (
+            '(ids, logits)' if logits else 'ids'),
+        'images': 'uint8 [b, H, W, 3], RGB 0-255 (normalised inside)',
+        'constraints': (f'b >= 1, H >= {models.min_input_size(config)}, '
+                        f'W >= {models.min_input_size(config)}, all '
+                        'symbolic (any values; one compilation per shape)'),
+        'ids': 'int32 [b, H, W] class ids (argmax of the softmax)',
+        **({'logits': f'float32 [b, H, W, {meta.num_classes}]'} if logits
+           else {}),
+        'example': SERVING_EXAMPLE,
+    }
+  else:
+    height, width = exported.in_avals[-1].shape[1:3]
+    info = {
+        'call': 'exported.call(variables, images) -> logits',
+        'images': f'float32 [b, {height}, {width}, 3], RGB, '
+                  '(pixel - mean) / std on the 0-255 scale',
+        'logits': f'float32 [b, {height}, {width}, {meta.num_classes}]',
+        'mean': [float(v) for v in transforms.IMAGENET_MEAN],
+        'std': [float(v) for v in transforms.IMAGENET_STD],
+    }
+  files.write_json(os.path.join(path, STABLEHLO_INFO_FILE),
+                   {**info, **common})
 
 
 def _define_flags() -> None:
-  """The CLI's flags (defined only when run as a program: this module is also
-  a library, imported next to other CLIs with flags of the same names)."""
-  flags.DEFINE_string('checkpoint', None,
-                      'Training workdir (or inference checkpoint) to export.')
-  flags.DEFINE_string('output', None, 'New directory for the export.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  """The command's flags (defined when run as a program, as every command)."""
+  runtime.define_checkpoint_flags('to export')
+  flags.DEFINE_string('output', None, 'New directory for the export.',
+                      required=True)
   flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
                     'Platforms the StableHLO artefact is lowered for.')
   flags.DEFINE_boolean('stablehlo', True,
                        'Also write the StableHLO artefact (model.stablehlo).')
-  flags.mark_flags_as_required(['checkpoint', 'output'])
+  flags.DEFINE_boolean(
+      'serving', False, 'Make model.stablehlo the serving artefact: uint8 RGB '
+      '[b, H, W, 3] -> int32 class ids [b, H, W], b, H and W symbolic (H, W '
+      '>= the model\'s minimum side). Default: normalised float32 '
+      '[b, crop, crop, 3] -> logits.')
+  flags.DEFINE_boolean('serving_logits', False,
+                       'With --serving, also return float32 logits '
+                       '[b, H, W, K].')
+  flags.adopt_module_key_flags(runtime)  # --help lists them too.
 
 
 def run(checkpoint: str, output: str, step: Optional[int] = None,
         platforms: Sequence[str] = DEFAULT_PLATFORMS,
-        stablehlo: bool = True) -> Optional[int]:
+        stablehlo: bool = True,
+        config_overrides: Optional[Mapping[str, Any]] = None,
+        serving: bool = False, serving_logits: bool = False
+        ) -> Optional[int]:
   """What the CLI does: inference checkpoint (+ StableHLO) from a checkpoint.
 
   Args:
-    checkpoint: training workdir or inference checkpoint.
+    checkpoint: training workdir, inference checkpoint or converted network.
     output: new directory.
     step: checkpoint step (None = the latest).
     platforms: platforms of the StableHLO artefact.
     stablehlo: also write model.stablehlo / model.json.
+    config_overrides: {dotted path: value} set on the saved config first
+      (--config.x=y), e.g. {'data.crop_size': 640} for the artefact's size;
+      written into the export's config.json.
+    serving: write the serving artefact (export_serving) instead.
+    serving_logits: the serving artefact also returns the logits.
 
   Returns:
     The exported step.
   """
-  from pan_jax import models  # pylint: disable=g-import-not-at-top
-  config, meta, variables, step = load(checkpoint, step)
-  output = os.path.abspath(output)
-  save_inference_checkpoint(output, config, meta, variables, step=step,
-                            source=os.path.abspath(checkpoint))
+  if jax.process_count() > 1:
+    raise errors.UsageError(
+        'export writes one directory from one process: run it on one host, '
+        'without PAN_JAX_DISTRIBUTED=1')
+  if serving_logits and not serving:
+    raise errors.UsageError('--serving_logits needs --serving')
+  config, meta, variables, step = checkpoints.load(checkpoint, step)
+  defaults.override(config, config_overrides or {})
+  output = paths.absolute(output)
+  checkpoints.exported.save(output, config, meta, variables, step=step,
+                            source=paths.absolute(checkpoint))
   logging.info('Wrote the inference checkpoint (step %s) to %s', step, output)
   if stablehlo:
     model = models.create_model(config, meta.num_classes)
-    crop = int(config.data.crop_size)
-    exported = export_stablehlo(model, variables, (crop, crop), platforms)
-    write_stablehlo(output, exported, config, meta)
-    logging.info('Wrote %s for images [b, %d, %d, 3] on %s',
-                 os.path.join(output, STABLEHLO_FILE), crop, crop,
-                 ','.join(exported.platforms))
+    if serving:
+      if config.eval.padding != 'exact':
+        logging.warning('The serving artefact sees each image at its own '
+                        "size (padding 'exact'), not config.eval.padding=%r",
+                        config.eval.padding)
+      min_size = models.min_input_size(config)
+      exported = export_serving(model, variables, min_size, platforms,
+                                logits=serving_logits)
+      what = f'uint8 images [b, H, W, 3], H, W >= {min_size}'
+    else:
+      crop = int(config.data.crop_size)
+      exported = export_stablehlo(model, variables, (crop, crop), platforms)
+      what = f'images [b, {crop}, {crop}, 3]'
+    write_stablehlo(output, exported, config, meta, serving=serving)
+    logging.info('Wrote %s for %s on %s', os.path.join(output, STABLEHLO_FILE),
+                 what, ','.join(exported.platforms))
   return step
 
 
@@ -303,11 +304,19 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   flag_values = flags.FLAGS
   step = run(flag_values.checkpoint, flag_values.output, flag_values.step,
-             flag_values.platforms, flag_values.stablehlo)
-  print(f'exported step {step} to {os.path.abspath(flag_values.output)}',
+             flag_values.platforms, flag_values.stablehlo,
+             config_overrides=runtime.config_overrides(),
+             serving=flag_values.serving,
+             serving_logits=flag_values.serving_logits)
+  print(f'exported step {step} to {paths.absolute(flag_values.output)}',
         file=sys.stdout)
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-export (= python -m pan_jax.export)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -26,10 +26,29 @@ below keep that property through every transformation they add:
   The number of windows is the canvas's (static); windows beyond a smaller
   image's own grid have zero weight. When one window covers the image, slide
   is whole-image inference on a window-sized canvas.
+* minimum size: an input smaller than `options.min_size` on a side (a canvas
+  at scale 0.5, a small window) is padded up to it before the model sees
+  it, and the padding is cut off its output; so any scale works on any
+  image, and where the input is large enough nothing changes.
 
 Scores are softmax probabilities averaged over every (scale, flip) pair, all
 at the image's size, as in MMSegmentation's aug_test and the paper's
 multi-scale evaluation.
+
+What the network sees around an image (`padding`, config.eval.padding) is a
+protocol choice, and it changes the numbers (a network trained on mean-padded
+crops reacts to padding):
+* 'exact' (default): everything above; the network is told each input's
+  valid size and the prediction is that of the image alone.
+* 'divisor': every network input (the image, a scaled or flipped copy, a
+  window) is padded bottom/right to a multiple of `size_divisor` with the
+  training pad value (the mean colour: 0 after normalisation) and the network
+  sees that padding; the outputs are cropped back to the valid region. This
+  is MMSegmentation's `size_divisor` and what smp users do (its encoders need
+  multiples of 32).
+* 'crop': as 'divisor', but each input is first padded to at least
+  `window_size` (the training crop in the recipes): the PSPNet and DeepLab
+  evaluation code pad every image (or window) to the crop.
 """
 
 import dataclasses
@@ -39,6 +58,7 @@ from typing import Callable, Tuple
 import jax
 import jax.numpy as jnp
 
+from pan_jax import errors
 from pan_jax.models import layers
 
 # apply_fn(images [B, H, W, 3] float32, image_sizes [B, 2] int32)
@@ -46,6 +66,7 @@ from pan_jax.models import layers
 ApplyFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 MODES = ('whole', 'slide')
+PADDINGS = ('exact', 'divisor', 'crop')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +79,20 @@ class InferenceOptions:
     flip: also run the horizontally mirrored images.
     window_size: sliding-window (height, width).
     window_stride: sliding-window stride (height, width), at most the window.
+    padding: 'exact', 'divisor' or 'crop' (see the module docstring).
+    size_divisor: the multiple of padding 'divisor' and 'crop'.
+    min_size: the smallest side the model accepts (models.min_input_size);
+      a smaller input (a canvas at scale 0.5, a window) is padded up to it.
+      Not a config.eval field: the caller gives it.
   """
   mode: str = 'whole'
   scales: Tuple[float, ...] = (1.0,)
   flip: bool = False
   window_size: Tuple[int, int] = (512, 512)
   window_stride: Tuple[int, int] = (341, 341)
+  padding: str = 'exact'
+  size_divisor: int = 32
+  min_size: int = 1
 
   def __post_init__(self):
     # Configs read back from JSON hold lists; keep the dataclass hashable.
@@ -72,17 +101,27 @@ class InferenceOptions:
                        tuple(int(s) for s in self.window_size))
     object.__setattr__(self, 'window_stride',
                        tuple(int(s) for s in self.window_stride))
+    object.__setattr__(self, 'size_divisor', int(self.size_divisor))
     if self.mode not in MODES:
-      raise ValueError(f'eval mode {self.mode!r} is not one of {MODES}')
+      raise errors.ConfigError(
+          f'eval mode {self.mode!r} is not one of {MODES}')
+    if self.padding not in PADDINGS:
+      raise errors.ConfigError(
+          f'config.eval.padding={self.padding!r} is not one of '
+          f'{", ".join(PADDINGS)}')
+    if self.size_divisor < 1:
+      raise errors.ConfigError('config.eval.size_divisor must be >= 1, got '
+                               f'{self.size_divisor}')
     if not self.scales or any(s <= 0 for s in self.scales):
-      raise ValueError(f'eval scales must be positive, got {self.scales}')
+      raise errors.ConfigError(
+          f'eval scales must be positive, got {self.scales}')
     if len(self.window_size) != 2 or min(self.window_size) < 1:
-      raise ValueError(
+      raise errors.ConfigError(
           f'eval window_size must be (height, width) >= 1, got '
           f'{self.window_size}')
     if (len(self.window_stride) != 2 or min(self.window_stride) < 1 or
         any(s > w for s, w in zip(self.window_stride, self.window_size))):
-      raise ValueError(
+      raise errors.ConfigError(
           f'eval window_stride must be (height, width) in [1, window_size '
           f'{self.window_size}] (a larger stride leaves pixels unseen), got '
           f'{self.window_stride}')
@@ -93,13 +132,14 @@ class InferenceOptions:
 
     Args:
       eval_config: the `config.eval` ConfigDict (mode, scales, flip,
-        window_size, window_stride).
+        window_size, window_stride, padding, size_divisor).
       **overrides: field values to use instead (None = keep the config's).
 
     Returns:
       InferenceOptions.
     """
-    fields = {f.name: eval_config[f.name] for f in dataclasses.fields(cls)}
+    fields = {f.name: eval_config[f.name] for f in dataclasses.fields(cls)
+              if f.name in eval_config}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**fields)
 
@@ -122,7 +162,10 @@ def predict_probs(apply_fn: ApplyFn, images: jax.Array,
   """
   height, width = images.shape[1:3]
   image_sizes = image_sizes.astype(jnp.int32)
+  apply_fn = _padded_to(apply_fn, options.min_size)
   base = _slide if options.mode == 'slide' else _whole
+  if options.padding != 'exact':
+    apply_fn = _padded(apply_fn, options)
   total = None
   for scale in options.scales:
     if scale == 1.0:
@@ -193,6 +236,57 @@ def flip_valid(x: jax.Array, widths: jax.Array) -> jax.Array:
                      column[None, :])  # [B, W]
   return jax.vmap(lambda image, index: jnp.take(image, index, axis=1))(
       x, source)
+
+
+def _padded_to(apply_fn: ApplyFn, min_size: int) -> ApplyFn:
+  """`apply_fn` for inputs of any size: a side below min_size is padded.
+
+  The padding lies outside every valid region, which the model ignores, so
+  where the input is at least min_size this changes nothing, and any scale
+  works on any image.
+  """
+  def padded(images, image_sizes):
+    height, width = images.shape[1:3]
+    extra_h, extra_w = max(min_size - height, 0), max(min_size - width, 0)
+    if not extra_h and not extra_w:
+      return apply_fn(images, image_sizes)
+    images = jnp.pad(images, ((0, 0), (0, extra_h), (0, extra_w), (0, 0)))
+    return apply_fn(images, image_sizes)[:, :height, :width]
+  return padded
+
+
+def _round_up(value, multiple: int):
+  """`value` rounded up to a multiple of `multiple` (int or int array)."""
+  return -(-value // multiple) * multiple
+
+
+def _padded(apply_fn: ApplyFn, options: InferenceOptions) -> ApplyFn:
+  """`apply_fn` whose network sees each input padded (padding 'divisor'/'crop').
+
+  Each input's valid region is kept and padded bottom/right with zeros (the
+  mean colour of the training crops' padding, normalised) to a multiple of
+  options.size_divisor, after padding to at least options.window_size for
+  'crop'; the network is told the padded size, so it sees the padding. The
+  logits come back at the input array's shape; those of the valid region are
+  what the callers use.
+  """
+  divisor = options.size_divisor
+  minimum = options.window_size if options.padding == 'crop' else (1, 1)
+
+  def apply_padded(images: jax.Array, image_sizes: jax.Array) -> jax.Array:
+    height, width = images.shape[1:3]
+    sizes = _round_up(jnp.maximum(image_sizes, jnp.asarray(minimum,
+                                                           jnp.int32)),
+                      divisor)
+    # The array must hold every padded size (static shapes).
+    canvas_h = _round_up(max(height, minimum[0]), divisor)
+    canvas_w = _round_up(max(width, minimum[1]), divisor)
+    inputs = jnp.pad(layers.mask_invalid(images, image_sizes),
+                     ((0, 0), (0, canvas_h - height), (0, canvas_w - width),
+                      (0, 0)))
+    return apply_fn(inputs, sizes)[:, :height, :width]
+
+  return apply_padded
 
 
 def _whole(apply_fn: ApplyFn, images: jax.Array, image_sizes: jax.Array,

@@ -4,11 +4,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE_LABEL = 255
+from pan_jax.data import records
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  ignore_label: int = IGNORE_LABEL) -> jax.Array:
+                  ignore_label: int = records.IGNORE_LABEL) -> jax.Array:
   """Softmax cross-entropy averaged over the labelled pixels of the batch.
 
   The mean is over every valid pixel of the whole (global) batch, not a mean

@@ -1,4 +1,4 @@
-"""The training command: python -m pan_jax.main --config=configs/X.py --workdir=RUN.
+"""The training command: python -m pan_jax.main --config=FILE --workdir=RUN.
 
 Overrides: --config.field=value (unknown fields are an error). Rerunning the
 same command on the same workdir resumes from its latest checkpoint.
@@ -45,6 +45,11 @@ def main(argv: Sequence[str]) -> None:
           flush=True)
 
 
-if __name__ == '__main__':
+def cli() -> None:
+  """The console script pan-jax-train (= python -m pan_jax.main)."""
   _define_flags()
   runtime.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from pan_jax import errors
+
 # Leaf names that hold BatchNorm scales/biases and conv biases in flax modules.
 _NORM_AND_BIAS_NAMES = ('bias', 'scale')
 
@@ -62,9 +64,9 @@ def decay_mask(params: Any, decay_norm_and_bias: bool) -> Any:
 
   Args:
     params: the model's parameter tree.
-    decay_norm_and_bias: if True every parameter is decayed (plain SGD, the
-      paper and mmseg); if False leaves named 'bias' or 'scale' (BatchNorm
-      scales/biases and conv biases) are not.
+    decay_norm_and_bias: if True every parameter is decayed (plain
+      torch.optim.SGD, mmseg's default); if False leaves named 'bias' or
+      'scale' (BatchNorm scales/biases and conv biases) are not.
 
   Returns:
     A tree of bools with the structure of `params`.
@@ -108,14 +110,14 @@ def create_optimizer(
   """
   optim = config.optim
   if optim.optimizer not in OPTIMIZERS:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.optim.optimizer={optim.optimizer!r} is unknown; valid: '
         f'{", ".join(OPTIMIZERS)}.')
   if config.total_steps <= 0:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.total_steps must be positive, got {config.total_steps}.')
   if optim.warmup_steps < 0 or optim.warmup_steps >= config.total_steps:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.optim.warmup_steps={optim.warmup_steps} must be in '
         f'[0, total_steps={config.total_steps}).')
   mask = lambda params: decay_mask(params, optim.decay_norm_and_bias)

@@ -14,6 +14,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from pan_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -59,12 +61,12 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh,
   processes = jax.process_count()
   if batch_size <= 0 or batch_size % devices:
     nearest = max(devices, batch_size // devices * devices)
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.{field}={batch_size} must be a positive multiple of the '
         f'number of devices ({devices} over {processes} process(es)); '
         f'for example --config.{field}={nearest}.')
   if batch_size % processes:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.{field}={batch_size} must be a multiple of the process '
         f'count ({processes}).')
 

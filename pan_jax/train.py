@@ -15,10 +15,13 @@ are computed over the global batch (synchronised BN), which also makes the
 result independent of the device count up to float rounding.
 """
 
+import collections
 import functools
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -30,21 +33,32 @@ import ml_collections
 import numpy as np
 import optax
 
-from pan_jax import checkpointing
+from pan_jax import errors
 from pan_jax import evaluate
 from pan_jax import losses
 from pan_jax import models
 from pan_jax import optim
-from pan_jax import pretrained
+from pan_jax import paths
 from pan_jax import sharding
+from pan_jax.checkpoints import pretrained
+from pan_jax.checkpoints import workdir as workdir_lib
 from pan_jax.data import pipeline
+from pan_jax.data import records
 from pan_jax.data import sources
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+# Train steps dispatched to the devices and not finished, at most.
+MAX_STEPS_IN_FLIGHT = 2
 # Per-step values that must stay finite; a checkpoint is only written after
 # every step up to it has been checked.
 _FINITE_METRICS = ('loss', 'grad_norm', 'param_norm')
+# Per-step flags: every array of that part of the new state is finite. With
+# param_norm they cover everything a checkpoint holds: BatchNorm's running
+# variance can overflow while the loss (which uses the batch's statistics)
+# and the gradients stay finite.
+_FINITE_FLAGS = {'batch_stats_finite': 'batch_stats',
+                 'opt_state_finite': 'opt_state'}
 
 
 class TrainState(train_state.TrainState):
@@ -77,7 +91,7 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array],
-               ignore_label: int = losses.IGNORE_LABEL
+               ignore_label: int = records.IGNORE_LABEL
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a global batch.
 
@@ -90,7 +104,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
     ignore_label: label value that does not count in the loss.
 
   Returns:
-    (new state, {'loss', 'grad_norm', 'param_norm'} float32 scalars).
+    (new state, {'loss', 'grad_norm', 'param_norm'} float32 scalars and
+    {'batch_stats_finite', 'opt_state_finite'} bool scalars).
   """
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -110,8 +125,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
       # Checked before every save, so a checkpoint never holds inf/NaN even
       # when the last update overflowed the parameters.
       'param_norm': optax.tree.norm(new_state.params),
+      'batch_stats_finite': _all_finite(new_state.batch_stats),
+      'opt_state_finite': _all_finite(new_state.opt_state),
   }
   return new_state, metrics
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  """bool []: whether every floating-point value in `tree` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
 
 
 def is_time(step: int, every: int, total: int) -> bool:
@@ -128,12 +152,12 @@ def check_config(config: ml_collections.ConfigDict,
     mesh: the training mesh.
 
   Raises:
-    ValueError: naming the field, its value and what was expected.
+    ConfigError: naming the field, its value and what was expected.
   """
   sharding.check_batch_size(config.global_batch_size, mesh)
   min_side = models.min_input_size(config)
   if config.data.crop_size < min_side:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.data.crop_size={config.data.crop_size} is too small for '
         f'this model (backbone {config.model.backbone}, output stride '
         f'{config.model.output_stride}): every side must be at least '
@@ -142,25 +166,43 @@ def check_config(config: ml_collections.ConfigDict,
         'more.')
   for field in ('total_steps', 'log_every_steps'):
     if config[field] <= 0:
-      raise ValueError(f'config.{field} must be positive, got '
+      raise errors.ConfigError(f'config.{field} must be positive, got '
                        f'{config[field]}.')
   if config.model.init_from:
     # Fails now, not after compiling, on a missing directory or weights that
     # need another config.model.
     pretrained.check_config(pretrained.read_info(config.model.init_from),
                             config.model, config.model.init_from)
-  largest = sources.max_image_size(config.data, config.data.eval_split)
-  canvas = tuple(int(v) for v in config.eval.canvas_size)
-  if largest and (largest[0] > canvas[0] or largest[1] > canvas[1]):
-    raise ValueError(
-        f'config.eval.canvas_size={canvas} cannot hold the largest image of '
-        f'{config.data.name}/{config.data.eval_split} ({largest[0]}x'
-        f'{largest[1]}, HxW): validation pads every image to the canvas. Set '
-        f'--config.eval.canvas_size="({max(largest[0], canvas[0])}, '
-        f'{max(largest[1], canvas[1])})" or more.')
+  pipeline.check_eval_canvas(config, config.data.eval_split)
   if config.eval_every_steps < 0:
-    raise ValueError('config.eval_every_steps must be >= 0 (0 = only at the '
-                     f'end), got {config.eval_every_steps}.')
+    raise errors.ConfigError(
+        'config.eval_every_steps must be >= 0 (0 = only at the end), got '
+        f'{config.eval_every_steps}.')
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+  """Refuses a recipe that needs pretrained weights but was given none.
+
+  The paper's recipes (configs/voc.py, cityscapes.py, ablation.py) set
+  config.model.require_init_from: they start from ImageNet weights, and a
+  30k-step run from random weights cannot reach the paper's numbers, so it
+  is stopped before anything is compiled rather than after hours.
+
+  Args:
+    config: the run's configuration.
+
+  Raises:
+    errors.ConfigError: require_init_from is set and init_from is empty.
+  """
+  if config.model.require_init_from and not config.model.init_from:
+    raise errors.ConfigError(
+        'this recipe starts from pretrained weights '
+        '(config.model.require_init_from=True) but config.model.init_from '
+        'is empty. Give --config.model.init_from=DIR: ImageNet ResNet '
+        'weights converted with `python -m pan_jax.convert` (README '
+        '"Pretrained weights"), or, for configs/voc.py:finetune, the '
+        'train_aug run\'s workdir. To train from random initialisation '
+        'anyway, give --config.model.require_init_from=False.')
 
 
 def validate(model: Any, state: TrainState, config: ml_collections.ConfigDict,
@@ -176,44 +218,78 @@ def validate(model: Any, state: TrainState, config: ml_collections.ConfigDict,
 
 
 class _MetricWriter:
-  """metrics.jsonl, TensorBoard events and the console line (process 0)."""
+  """metrics.jsonl, TensorBoard events and the console line (process 0).
+
+  On a gs:// workdir both files are written in a local directory and copied
+  to the workdir by `sync` (after every checkpoint and validation, and at
+  the end): a GCS object cannot be appended to, and tensorboardX's own gs://
+  writer uploads its whole file again at every flush.
+  """
 
   def __init__(self, workdir: str, start_step: int):
     self._enabled = jax.process_index() == 0
-    self._path = os.path.join(workdir, METRICS_FILE)
+    self._workdir = workdir
     self._tensorboard = None
+    self._local = None  # The local directory of a gs:// workdir.
     if not self._enabled:
       return
+    if paths.is_url(workdir):
+      self._local = tempfile.mkdtemp(prefix='pan_jax_metrics_')
+    directory = self._local or workdir
+    self._path = os.path.join(directory, METRICS_FILE)
+    saved = os.path.join(workdir, METRICS_FILE)
     # A resumed run repeats the steps after its checkpoint: drop their lines.
-    if os.path.exists(self._path):
-      with open(self._path) as f:
-        lines = [l for l in f if l.strip()
-                 and json.loads(l).get('step', 0) <= start_step]
-      tmp = self._path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(lines)
-      os.replace(tmp, self._path)
+    lines = []
+    if paths.exists(saved):
+      lines = [l + '\n' for l in paths.read_text(saved).splitlines()
+               if l.strip() and json.loads(l).get('step', 0) <= start_step]
+    paths.write_bytes(self._path, ''.join(lines).encode())
     # Imported here: tensorboardX imports torch whenever it is installed
     # (~230 MiB of RSS and ~1.5 s), which only the writing process needs.
     import tensorboardX  # pylint: disable=g-import-not-at-top
     self._tensorboard = tensorboardX.SummaryWriter(
-        os.path.join(workdir, TENSORBOARD_DIR), purge_step=start_step + 1)
+        os.path.join(directory, TENSORBOARD_DIR), purge_step=start_step + 1)
 
   def write(self, step: int, values: dict[str, Any]) -> None:
     if not self._enabled:
       return
     record = {'step': step, **{k: _to_json(v) for k, v in values.items()}}
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    try:
+      with open(self._path, 'a') as f:  # A local file (see the docstring).
+        f.write(json.dumps(record) + '\n')
+    except OSError as e:
+      raise errors.StorageError(
+          f'cannot write {self._path}: {e.strerror or e}') from e
     for key, value in values.items():
       if isinstance(value, (int, float)) and not isinstance(value, bool):
         tag = key if key.startswith('val/') else f'train/{key}'
         self._tensorboard.add_scalar(tag, value, step)
     self._tensorboard.flush()
 
+  def sync(self) -> None:
+    """Copies the local files of a gs:// workdir to it (each atomically)."""
+    if self._local is None:
+      return
+    for name in os.listdir(self._local):
+      local = os.path.join(self._local, name)
+      if os.path.isdir(local):
+        for child in os.listdir(local):
+          _copy_file(os.path.join(local, child),
+                     os.path.join(self._workdir, name, child))
+      else:
+        _copy_file(local, os.path.join(self._workdir, name))
+
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+      self.sync()
+    if self._local is not None:
+      shutil.rmtree(self._local, ignore_errors=True)
+
+
+def _copy_file(local: str, destination: str) -> None:
+  with open(local, 'rb') as f:
+    paths.write_bytes(destination, f.read())
 
 
 def _to_json(value: Any) -> Any:
@@ -240,21 +316,50 @@ def _format_duration(seconds: float) -> str:
 
 
 def _check_finite(pending: list[tuple[int, dict[str, Any]]],
-                  last_good: Optional[int], workdir: str) -> None:
-  """Raises FloatingPointError naming the first step with a bad value."""
+                  last_good: Optional[int], workdir: str,
+                  state: Any = None) -> None:
+  """Raises DivergedError naming the first step with a bad value.
+
+  Args:
+    pending: (step, fetched metrics) of the steps not yet checked.
+    last_good: the step of the last checkpoint written (None: none yet).
+    workdir: the run's workdir (named in the message).
+    state: the current train state, to name the arrays that are no longer
+      finite.
+  """
   for step, metrics in pending:
     bad = {k: float(metrics[k]) for k in _FINITE_METRICS
            if not np.isfinite(metrics[k])}
+    bad.update({part: 'inf/NaN' for flag, part in _FINITE_FLAGS.items()
+                if not bool(metrics[flag])})
     if bad:
       where = (f'step {last_good} in '
-               f'{os.path.join(workdir, checkpointing.CHECKPOINT_DIR)}'
+               f'{os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)}'
                if last_good is not None else 'none (no checkpoint yet)')
-      raise FloatingPointError(
-          f'Non-finite training values at step {step}: {bad}. The run '
+      arrays = _non_finite_arrays(state) if state is not None else []
+      now = (f' Non-finite now: {", ".join(arrays[:3])}'
+             f'{f" and {len(arrays) - 3} more" if len(arrays) > 3 else ""}.'
+             if arrays else '')
+      raise errors.DivergedError(
+          f'Non-finite training values at step {step}: {bad}.{now} The run '
           f'stopped without saving this state; the last good checkpoint '
           f'is {where}. Rerunning resumes from it: lower '
           '--config.optim.learning_rate (or add --config.optim.warmup_steps) '
           'first, or the divergence will repeat.')
+
+
+def _non_finite_arrays(state: TrainState) -> list[str]:
+  """'batch_stats/backbone/stem_bn1/var', ... : arrays holding inf or NaN."""
+  found = []
+  for part in ('params', 'batch_stats', 'opt_state'):
+    leaves = jax.tree_util.tree_flatten_with_path(getattr(state, part))[0]
+    for path, value in leaves:
+      value = np.asarray(jax.device_get(value))
+      if np.issubdtype(value.dtype, np.inexact) and not np.all(
+          np.isfinite(value)):
+        name = jax.tree_util.keystr(path, simple=True, separator='/')
+        found.append(f'{part}/{name}')
+  return found
 
 
 def _summarise_eval(result: dict[str, Any], meta: Any) -> dict[str, Any]:
@@ -333,17 +438,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     the last logged values, 'eval': the last validation result or None}.
 
   Raises:
-    ValueError: a config guard failed, or the workdir holds checkpoints of
-      an incompatible config.
-    FloatingPointError: the loss, gradient or parameters became non-finite.
+    ConfigError: a config guard failed.
+    MismatchError: the workdir holds checkpoints of an incompatible config
+      or of other classes.
+    StorageError: the workdir cannot be written, or a checkpoint could not
+      be saved (the run stops at the next step).
+    DivergedError: the loss, gradient or a saved array became non-finite.
   """
   # Random bits must not depend on how arrays are sharded, so initialisation
   # is the same on 1 device or 256.
   jax.config.update('jax_threefry_partitionable', True)
   mesh = mesh if mesh is not None else sharding.make_mesh()
+  check_init_from(config)  # Before the dataset: the first thing to fix.
   meta = sources.get_meta(config.data)
   check_config(config, mesh)
-  checkpointing.check_compatible(workdir, config)
+  workdir_lib.make_workdir(workdir)
+  workdir_lib.check_compatible(workdir, config, meta)
 
   model, init_fn, step_fn = _programs(config, mesh, meta.num_classes,
                                       meta.ignore_label)
@@ -353,10 +463,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   abstract_state = init_fn.trace(rng).out_info
 
   # From here on a signal means "checkpoint as soon as possible and stop".
-  stop = checkpointing.StopRequest()
+  stop = workdir_lib.StopRequest()
   manager = data_iter = writer = None
+  finished = False
   try:
-    manager = checkpointing.create_manager(workdir, config)
+    manager = workdir_lib.create_manager(workdir, config)
     data_iter = pipeline.build_train_iter(
         config, process_index=jax.process_index(),
         process_count=jax.process_count())
@@ -370,17 +481,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     else:
       logging.info('Resuming from the checkpoint of step %d in %s.',
                    start_step, workdir)
-      state = checkpointing.restore_state(manager, start_step, abstract_state)
-      checkpointing.restore_data_iter(manager, start_step, data_iter)
-    checkpointing.save_run_info(workdir, config, meta)
+      state = workdir_lib.restore_state(manager, start_step, abstract_state)
+      workdir_lib.restore_data_iter(manager, start_step, data_iter)
+    workdir_lib.save_run_info(workdir, config, meta)
     writer = _MetricWriter(workdir, start_step)
-    return _train_loop(config, workdir, mesh, model, meta, step_fn, state,
-                       start_step, data_iter, manager, writer, stop)
+    result = _train_loop(config, workdir, mesh, model, meta, step_fn, state,
+                         start_step, data_iter, manager, writer, stop)
+    finished = True
+    return result
   finally:
     stop.close()
     if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
+      # After another error, a failed save is logged, not raised over it.
+      workdir_lib.close_manager(manager, raise_errors=finished)
     if writer is not None:
       writer.close()
     close = getattr(data_iter, 'close', None)
@@ -392,8 +505,9 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
                 start_step, data_iter, manager, writer, stop):
   """Steps from `start_step` to config.total_steps (or a stop request).
 
-  Order after each step: log (and check values are finite), stop check,
-  checkpoint, validate. Arguments are train_and_evaluate's locals.
+  Order after each step: check that the last save has not failed, log (and
+  check values are finite), stop check, checkpoint, validate (once this
+  step's checkpoint is written). Arguments are train_and_evaluate's locals.
   """
   total = config.total_steps
   if start_step >= total:
@@ -404,6 +518,8 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
   last_metrics, eval_result, stopped_by = {}, None, None
   step = start_step
   timer_step, timer_start, run_start = step, None, time.time()
+  in_flight = collections.deque()  # Metrics of the unfinished steps.
+  saving = None  # The step of a save started and not known to be complete.
   while step < total:
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = next(data_iter)
@@ -412,6 +528,20 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       state, metrics = step_fn(state, batch)
     step += 1
     pending.append((step, metrics))
+    # At most MAX_STEPS_IN_FLIGHT steps dispatched and not finished (with 2:
+    # step n - 1 must finish before step n + 1 is prepared). The device
+    # stays busy (step n waits behind n - 1), and a stop request is acted
+    # on, and its checkpoint written, within about two step times.
+    # Unbounded, the loop ran ~30 steps ahead of the device, each holding
+    # its batch, and a SIGTERM waited for all of them (75 s, more than a
+    # spot VM's notice).
+    in_flight.append(metrics)
+    if len(in_flight) >= MAX_STEPS_IN_FLIGHT:
+      jax.block_until_ready(in_flight.popleft())
+    # A save that failed in the background stops the run before this step
+    # is logged (the step gave the save time to finish or fail).
+    if workdir_lib.check_saved(manager, saving, block=False):
+      saving = None
     if timer_start is None:
       # Throughput excludes compilation: time from the first finished step.
       jax.block_until_ready(metrics)
@@ -419,7 +549,7 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
 
     if is_time(step, config.log_every_steps, total):
       fetched = jax.device_get(pending)
-      _check_finite(fetched, last_good, workdir)
+      _check_finite(fetched, last_good, workdir, state)
       pending = []
       last_metrics = {
           'loss': float(np.mean([m['loss'] for _, m in fetched])),
@@ -445,15 +575,21 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
     # Save before validating: a failing validation must not lose training.
     if stopping or step == total or manager.should_save(step):
       save_start = time.time()
-      _check_finite(jax.device_get(pending), last_good, workdir)
-      checkpointing.save(manager, step, state, data_iter, force=True)
-      last_good = step
+      _check_finite(jax.device_get(pending), last_good, workdir, state)
+      workdir_lib.check_saved(manager, saving)  # Orbax waits for it anyway.
+      workdir_lib.save(manager, step, state, data_iter, force=True)
+      writer.sync()
+      last_good = saving = step
       timer_start += time.time() - save_start
     if not stopping and is_time(step, config.eval_every_steps, total):
       eval_start = time.time()
+      # A save of this step finishes first: if it fails, the run stops now,
+      # not after a validation (the save takes seconds, validation minutes).
+      workdir_lib.check_saved(manager, saving, block=saving == step)
       eval_result = validate(model, state, config, meta, mesh)
       summary = _summarise_eval(eval_result, meta)
       writer.write(step, summary)
+      writer.sync()
       per_class = ', '.join(f'{name} {iou:.3f}' for name, iou in
                             summary.get('val/per_class_iou', {}).items())
       logging.info('step %d validation: mIoU %.4f (%.1fs) | %s', step,
@@ -462,10 +598,12 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       timer_start += time.time() - eval_start  # Not training time.
 
     if stopping:
+      workdir_lib.check_saved(manager, saving)  # Saved before saying so.
       stopped_by = stop.signal_name
       logging.warning('Stopped by %s after step %d; checkpoint saved.',
                       stopped_by, step)
       break
+  workdir_lib.check_saved(manager, saving)
   logging.info('Trained steps %d to %d in %s.', start_step, step,
                _format_duration(time.time() - run_start))
   return {'step': step, 'stopped_by': stopped_by,

@@ -3,17 +3,19 @@
 PIL only (no matplotlib). Palettes come from the dataset's metadata
 (`DatasetMeta.palette`: one (r, g, b) per class); the ignore label (255) is
 drawn black in colour masks and left uncoloured in overlays. Every file is
-written to a temporary name in its directory and renamed, so a reader never
-sees half a PNG.
+written atomically, locally or on gs:// (paths.write_bytes), so a reader
+never sees half a PNG.
 """
 
-import os
+import io
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
+
+from pan_jax import paths
 
 Palette = Sequence[Tuple[int, int, int]]
 
@@ -82,10 +84,10 @@ def panel(images: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
 
 def save_png(path: str, array: np.ndarray,
              palette: Optional[Palette] = None) -> None:
-  """Writes a PNG atomically (temporary name, then rename).
+  """Writes a PNG atomically (see the module docstring).
 
   Args:
-    path: destination.
+    path: destination (local or gs://).
     array: uint8 [H, W] (single channel) or [H, W, 3] (RGB).
     palette: with a single-channel array, store it as a palette ('P') PNG
       whose pixel values stay the class ids (the VOC SegmentationClass
@@ -101,11 +103,9 @@ def save_png(path: str, array: np.ndarray,
                        f'{array.shape}')
     image = image.convert('P')
     image.putpalette(palette_array(palette).reshape(-1).tolist())
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  temporary = os.path.join(directory, f'.{os.path.basename(path)}.tmp')
-  image.save(temporary, format='PNG')
-  os.replace(temporary, path)
+  encoded = io.BytesIO()
+  image.save(encoded, format='PNG')
+  paths.write_bytes(path, encoded.getvalue())
 
 
 def confusion_image(confusion: np.ndarray, class_names: Sequence[str],

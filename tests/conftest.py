@@ -11,6 +11,8 @@ os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '') +
     ' --xla_force_host_platform_device_count=8').strip()
 
+# The local GCS server's fixtures (gcs_server, gcs_bucket) for every test.
+from gcs_server import gcs_bucket, gcs_server  # pylint: disable=g-import-not-at-top,unused-import
 import jax  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 

@@ -77,7 +77,7 @@ def smoke_workdir(step=4):
   import jax
   import optax
   from configs import smoke
-  from pan_jax import checkpointing
+  from pan_jax.checkpoints import workdir as workdir_lib
   from pan_jax import models
   from pan_jax import sharding
   from pan_jax import train
@@ -98,12 +98,12 @@ def smoke_workdir(step=4):
   state = jax.device_put(state, sharding.replicated(sharding.make_mesh()))
   workdir = tempfile.mkdtemp(prefix='pan_jax_eval_test_')
   atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-  manager = checkpointing.create_manager(workdir, config)
+  manager = workdir_lib.create_manager(workdir, config)
   data_iter = iter(grain.MapDataset.range(8).batch(2).to_iter_dataset())
-  checkpointing.save(manager, step, state, data_iter, force=True)
+  workdir_lib.save(manager, step, state, data_iter, force=True)
   manager.wait_until_finished()
   manager.close()
-  checkpointing.save_run_info(workdir, config, meta)
+  workdir_lib.save_run_info(workdir, config, meta)
   variables = jax.device_get({'params': state.params,
                               'batch_stats': state.batch_stats})
   _SMOKE_WORKDIR.append((workdir, config, meta, model, variables))

@@ -1,9 +1,9 @@
 """pan_jax.convert and pan_jax.pretrained without PyTorch.
 
 State dicts are made from the converter's own key mapping with random values
-and written as .safetensors (which needs neither torch nor the safetensors
-package), so these tests run everywhere; numerical parity with PyTorch is in
-test_convert_torch.py.
+and written as .safetensors (by hand here, read by the safetensors library,
+a dependency of pan_jax), so these tests need no torch; numerical parity
+with PyTorch is in test_convert_torch.py.
 """
 
 import json
@@ -22,7 +22,10 @@ from configs import smp_pan
 from configs import voc
 from pan_jax import convert
 from pan_jax import models
-from pan_jax import pretrained
+from pan_jax.checkpoints import pretrained
+from pan_jax.convert import archs
+from pan_jax.convert import keymaps
+from pan_jax.convert import readers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,10 +56,10 @@ def fake_state(fmt, arch, seed=0):
   """
   rng = np.random.RandomState(seed)
   state, expected = {}, {}
-  for path, target in convert.target_variables(fmt, arch).items():
+  for path, target in archs.target_variables(fmt, arch).items():
     value = rng.randn(*target.shape).astype(np.float32)
     expected[path] = value
-    key = convert.source_key(fmt, arch, path)
+    key = keymaps.source_key(fmt, arch, path)
     state[key] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
     if key.endswith('running_var'):
       state[key[:-len('running_var')] + 'num_batches_tracked'] = np.array(
@@ -70,7 +73,7 @@ def fake_state(fmt, arch, seed=0):
 @pytest.fixture(scope='module')
 def resnet18d(tmp_path_factory):
   """timm resnet18d as .safetensors: deep stem, avg-pool shortcuts."""
-  arch = convert.parse_arch('timm', 'resnet18d')
+  arch = archs.parse_arch('timm', 'resnet18d')
   state, expected = fake_state('timm', arch)
   path = str(tmp_path_factory.mktemp('weights') / 'resnet18d.safetensors')
   write_safetensors(path, state)
@@ -113,12 +116,53 @@ def test_reads_files_of_the_safetensors_package(tmp_path):
   st = pytest.importorskip('safetensors.numpy')
   state = {'a': np.arange(6, dtype=np.float32).reshape(2, 3),
            'b': np.array(3, np.int64),
-           'c': np.ones((2, 2), np.float16)}
+           'c': np.ones((2, 2), np.float16),
+           'd': np.array([1.5, -2.25], jnp.bfloat16),
+           'e': np.array([7, 65535], np.uint16)}
   path = str(tmp_path / 'x.safetensors')
   st.save_file(state, path)
-  read = convert.read_safetensors(path)
+  read = readers.read_safetensors(path)
   np.testing.assert_array_equal(read['a'], state['a'])
   assert read['b'] == 3 and read['c'].dtype == np.float32
+  assert read['d'].dtype == np.float32
+  np.testing.assert_array_equal(read['d'], [1.5, -2.25])
+  assert read['e'].dtype == np.uint16 and list(read['e']) == [7, 65535]
+
+
+def _edit_header(path, out, edit):
+  """Copies a .safetensors file with edit(header) applied to its JSON."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  (size,) = struct.unpack('<Q', data[:8])
+  header = json.loads(data[8:8 + size])
+  edit(header)
+  text = json.dumps(header).encode()
+  with open(out, 'wb') as f:
+    f.write(struct.pack('<Q', len(text)) + text + data[8 + size:])
+
+
+def test_unreadable_safetensors_headers_are_named(resnet18d, tmp_path):
+  path, _, _ = resnet18d
+  bad = str(tmp_path / 'fp8.safetensors')
+  _edit_header(path, bad,
+               lambda h: h['fc.bias'].update(dtype='F8_E4M3'))
+  with pytest.raises(convert.ConversionError,
+                     match=r"tensor 'fc.bias' has dtype 'F8_E4M3'; pan_jax "
+                           r'reads F64, F32'):
+    readers.read_safetensors(bad)
+  # A header that fits the file but leaves bytes no tensor covers: the
+  # library refuses it, and the message still names the file.
+  gap = str(tmp_path / 'gap.safetensors')
+
+  def shrink(header):
+    begin, end = header['fc.bias']['data_offsets']
+    header['fc.bias']['data_offsets'] = [begin, end - 4]
+    header['fc.bias']['shape'] = [999]
+
+  _edit_header(path, gap, shrink)
+  with pytest.raises(convert.ConversionError,
+                     match=r'gap\.safetensors: not a valid safetensors file'):
+    readers.read_safetensors(gap)
 
 
 def test_truncated_safetensors_names_the_key(resnet18d, tmp_path):
@@ -197,7 +241,7 @@ def test_existing_output_is_refused(resnet18d, resnet18d_converted):
 def test_smp_config_is_configs_smp_pan(backbone):
   # convert builds the config itself (library code does not import
   # configs/); it must stay equal to configs/smp_pan.py.
-  ours = json.loads(convert.smp_config(backbone).to_json())
+  ours = json.loads(archs.smp_config(backbone).to_json())
   theirs = json.loads(smp_pan.get_config(backbone).to_json())
   assert ours == theirs
 
@@ -251,7 +295,7 @@ def test_load_pretrained_refuses_the_wrong_model(resnet18d_converted):
 
 def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
   # A 5-class smp PAN with decoder_channels=16: both are read off the file.
-  arch = convert.Arch('resnet18', 'resnet18', 'torchvision', False,
+  arch = archs.Arch('resnet18', 'resnet18', 'torchvision', False,
                       num_classes=5, decoder_channels=16)
   state, expected = fake_state('smp', arch)
   assert 'segmentation_head.0.weight' in state
@@ -300,7 +344,7 @@ def test_smp_file_becomes_an_inference_checkpoint(tmp_path):
 
 
 def test_voc_meta_and_palette():
-  meta = convert.dataset_meta(21)
+  meta = archs.dataset_meta(21)
   assert meta.name == 'voc2012_aug' and meta.ignore_label == 255
   assert meta.class_names[15] == 'person'
   assert meta.palette[:3] == ((0, 0, 0), (128, 0, 0), (0, 128, 0))

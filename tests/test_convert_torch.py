@@ -43,10 +43,11 @@ _SHIM = _install_torchvision_shim()
 torchvision = pytest.importorskip('torchvision')
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from pan_jax import checkpoints
 from pan_jax import convert
-from pan_jax import export
 from pan_jax import models
-from pan_jax import pretrained
+from pan_jax.checkpoints import pretrained
+from pan_jax.convert import archs
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 TOLERANCE = 1e-4
@@ -120,8 +121,8 @@ def _convert_and_run_backbone(tmp_path, fmt, state, images, output_stride=32,
   out_dir = os.path.join(tmp_path, 'converted')
   message = convert.convert(fmt, path, out_dir, arch_name)
   info = pretrained.read_info(out_dir)
-  arch = convert.parse_arch(fmt, info['source']['arch'])
-  module = convert.backbone_module(arch, output_stride, contract_dilation)
+  arch = archs.parse_arch(fmt, info['source']['arch'])
+  module = archs.backbone_module(arch, output_stride, contract_dilation)
   variables = pretrained.restore_variables(out_dir)
   features = module.apply(
       {'params': variables['params']['backbone'],
@@ -233,7 +234,7 @@ def test_smp_pan_logits_match(tmp_path, encoder):
 
   # The converted directory is an inference checkpoint: load it as
   # evaluate and predict do.
-  config, meta, variables, step = export.load(out_dir)
+  config, meta, variables, step = checkpoints.load(out_dir)
   assert config.model.backbone == encoder and step is None
   assert meta.num_classes == 21 and meta.class_names[1] == 'aeroplane'
   network = models.create_model(config, meta.num_classes)

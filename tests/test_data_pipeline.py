@@ -111,27 +111,56 @@ def _index_config(global_batch_size):
   return config
 
 
-def test_train_shards_are_disjoint_cover_and_reshuffle(monkeypatch):
+def _labels(iterator, batches):
+  """The example indices of the next `batches` batches, one list each."""
+  return [[int(v) for v in next(iterator)['label'][:, 0, 0]]
+          for _ in range(batches)]
+
+
+def test_train_batches_do_not_depend_on_the_process_count(monkeypatch):
   monkeypatch.setattr(sources, 'open_split',
                       lambda data, split: _IndexSource(30))
   config = _index_config(global_batch_size=9)
-  epochs = []
-  for process in range(3):
-    iterator = pipeline.build_train_iter(config, process, 3)
-    seen = []
-    for _ in range(7):  # 21 examples: two epochs of this process's 10
-      batch = next(iterator)
-      assert batch['image'].shape == (3, 16, 16, 3)
-      assert batch['image'].dtype == np.float32
-      assert batch['label'].dtype == np.int32
-      seen += [int(v) for v in batch['label'][:, 0, 0]]
-    epochs.append((seen[:10], seen[10:20]))
-  first = [sorted(epoch[0]) for epoch in epochs]
-  for process in range(3):
-    assert first[process] == list(range(process, 30, 3))
-    assert sorted(epochs[process][1]) == first[process]
-    assert epochs[process][0] != epochs[process][1]  # a new order each epoch
-  assert sorted(sum(first, [])) == list(range(30))
+  one = pipeline.build_train_iter(config, 0, 1)
+  batch = next(pipeline.build_train_iter(config))
+  assert batch['image'].shape == (9, 16, 16, 3)
+  assert batch['image'].dtype == np.float32
+  assert batch['label'].dtype == np.int32
+  single = _labels(one, 7)  # 63 examples: two epochs and a bit.
+  per_process = [_labels(pipeline.build_train_iter(config, p, 3), 7)
+                 for p in range(3)]
+  for i, global_batch in enumerate(single):
+    rows = [per_process[p][i] for p in range(3)]
+    assert all(len(r) == 3 for r in rows)
+    # Process p holds rows p, p + 3, p + 6 of the global batch.
+    assert [global_batch[j] for j in range(9)] == [
+        rows[j % 3][j // 3] for j in range(9)]
+  stream = sum(single, [])
+  epochs = stream[:30], stream[30:60]
+  assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(30))
+  assert epochs[0] != epochs[1]  # A new order each epoch.
+
+
+class _GradientSource(_IndexSource):
+  """Examples with a horizontal gradient: crops and flips show."""
+
+  def __getitem__(self, index):
+    example = super().__getitem__(index)
+    ramp = np.arange(self._side, dtype=np.uint8)[None, :, None] * 7
+    example['image'] = example['image'] + ramp
+    return example
+
+
+def test_augmentation_does_not_depend_on_the_process_count(monkeypatch):
+  monkeypatch.setattr(sources, 'open_split',
+                      lambda data, split: _GradientSource(30, side=24))
+  config = _index_config(global_batch_size=4)
+  config.data.min_scale, config.data.max_scale = 0.5, 2.0
+  single = next(pipeline.build_train_iter(config))
+  halves = [next(pipeline.build_train_iter(config, p, 2)) for p in (0, 1)]
+  for key in ('image', 'label'):
+    np.testing.assert_array_equal(single[key][0::2], halves[0][key])
+    np.testing.assert_array_equal(single[key][1::2], halves[1][key])
 
 
 def test_train_iterator_restores_to_the_next_batches():

@@ -435,6 +435,7 @@ def test_bad_example(tmp_path, case):
                     num_classes=3)
   # The error names the file (a removed one as the expected partner).
   assert target in str(error.value)
+  assert error.value.exit_code == 1  # A user error: one line, status 1.
   assert builder.built_dir(str(tmp_path / 'data'), 'folder') is None
   _, skipped, _, _ = prepare.prepare(
       'folder', str(tmp_path / 'src'), str(tmp_path / 'data'), num_classes=3,

@@ -2,12 +2,17 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import smoke
 import eval_standins
+from pan_jax import errors
 from pan_jax import evaluate
 from pan_jax import inference
 from pan_jax import metrics
@@ -15,6 +20,7 @@ from pan_jax import sharding
 
 NUM_CLASSES = 4
 CANVAS = (24, 20)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _examples(num, seed=0):
@@ -170,6 +176,8 @@ def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
   assert np.abs(confusion - expected).sum() <= 2e-3 * expected.sum()
   assert report['step'] == 4 and report['scales'] == [1.0]
   assert report['flip'] is False and report['mode'] == 'whole'
+  # The padding protocol is recorded (the model was told each valid size).
+  assert report['padding'] == 'exact' and report['labeled'] is True
   assert set(report['per_class_iou']) == set(meta.class_names)
   written = json.loads((output / 'report.json').read_text())
   assert written['miou'] == report['miou']
@@ -177,13 +185,81 @@ def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
   assert len(list((output / 'overlays').iterdir())) == 2
 
 
+def test_table5_protocols_in_one_call(tmp_path):
+  """--protocols=table5: single scale, multi-scale, multi-scale + flip."""
+  workdir = eval_standins.smoke_workdir()[0]
+  output = tmp_path / 'table5'
+  result = evaluate.run(workdir, output=str(output), protocols=['table5'],
+                        num_overlays=0, batch_size=8, progress=False)
+  reports = result['protocols']
+  assert list(reports) == ['ss', 'ms', 'ms_flip']
+  assert (reports['ss']['scales'], reports['ss']['flip']) == ([1.0], False)
+  assert reports['ms']['scales'] == list(evaluate.MULTI_SCALES)
+  assert not reports['ms']['flip'] and reports['ms_flip']['flip']
+  rows = json.loads((output / evaluate.PROTOCOLS_FILE).read_text())
+  assert [r['protocol'] for r in rows['protocols']] == ['ss', 'ms', 'ms_flip']
+  for name, report in reports.items():
+    written = json.loads((output / name / 'report.json').read_text())
+    assert written['protocol'] == name
+    assert written['miou'] == report['miou']
+    assert written['num_images'] == 10
+  # The single-scale row is the plain evaluation's number.
+  plain = evaluate.run(workdir, output=str(tmp_path / 'plain'),
+                       num_overlays=0, batch_size=8, progress=False)
+  assert reports['ss']['confusion_matrix'] == plain['confusion_matrix']
+  table = evaluate.format_protocols(reports)
+  assert table.splitlines()[3].startswith('ms_flip')
+
+
+def test_protocols_exclude_scales_flip_and_format():
+  for extra in ({'scales': [1.0]}, {'flip': True},
+                {'output_format': 'voc_test'}):
+    try:
+      evaluate.run('/nonexistent', protocols=['ss'], **extra)
+    except errors.UsageError as e:
+      assert '--protocols' in str(e)
+    else:
+      raise AssertionError(f'{extra} accepted')
+  try:
+    evaluate.protocol_runs(['ss', 'tabel5'])
+  except errors.UsageError as e:
+    assert 'tabel5' in str(e) and 'table5' in str(e)
+  assert [n for n, _, _ in evaluate.protocol_runs(['ms', 'table5'])] == [
+      'ms', 'ss', 'ms_flip']
+
+
+def test_command_takes_config_overrides(tmp_path):
+  """--config.x=y on top of the checkpoint's saved config, checked fields."""
+  workdir = eval_standins.smoke_workdir()[0]
+
+  def evaluate_command(*flags):
+    return subprocess.run(
+        [sys.executable, '-m', 'pan_jax.evaluate', f'--checkpoint={workdir}',
+         f'--output={tmp_path / "out"}', *flags], cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+        text=True, timeout=600, check=False)
+
+  result = evaluate_command('--config.eval.canvas_size=(640, 640)',
+                            '--config.eval.num_overlays=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert len(list((tmp_path / 'out' / 'overlays').iterdir())) == 1
+  # The override is what the canvas check sees (the split has 96x96 images).
+  result = evaluate_command('--config.eval.canvas_size=(64, 64)')
+  assert result.returncode != 0
+  assert 'config.eval.canvas_size=(64, 64) cannot hold' in result.stderr
+  result = evaluate_command('--config.eval.canvass_size=(640, 640)')
+  assert result.returncode != 0
+  assert 'Did you mean "canvas_size" instead of "canvass_size"?' in (
+      result.stderr)
+
+
 def test_bench_eval_measures_the_eval_step():
   # pylint: disable=g-import-not-at-top
-  from pan_jax import bench_eval
+  from pan_jax.bench import eval as eval_bench
   # pylint: enable=g-import-not-at-top
-  options = bench_eval._parse([  # pylint: disable=protected-access
-      '--eval_config=configs/smoke.py', '--canvas=32', '--image_size=30,20',
-      '--batches=1', '--warmup=0', '--classes=3'])
-  row = bench_eval.measure(options, 'single')
+  row = eval_bench.measure(
+      smoke.get_config(), 'single', config_name='configs/smoke.py',
+      canvas=32, image_size=(30, 20), batch=0, iters=1, warmup=0, classes=3,
+      dtype='float32', scales=eval_bench.MULTI_SCALES)
   assert row['images_per_s'] > 0 and row['batch'] == 8  # 8 fake devices
   assert row['scales'] == [1.0] and row['image_size'] == [30, 20]

@@ -198,3 +198,64 @@ def test_real_model_padding_invariance_multiscale_flip():
   probs = predict_probs(images, sizes)
   alone = predict_probs(exact[1][None], sizes[1:])
   np.testing.assert_allclose(probs[1, :45, :51], alone[0], atol=1e-5)
+
+
+def _padded_reference(apply_fn, image, divisor, minimum=(1, 1)):
+  """The network on the image zero-padded (= mean padded) bottom/right."""
+  h, w = image.shape[:2]
+  ph = -(-max(h, minimum[0]) // divisor) * divisor
+  pw = -(-max(w, minimum[1]) // divisor) * divisor
+  padded = np.zeros((1, ph, pw, 3), np.float32)
+  padded[0, :h, :w] = image
+  logits = apply_fn(jnp.asarray(padded), jnp.asarray([[ph, pw]], np.int32))
+  return np.asarray(jax.nn.softmax(logits, -1))[0, :h, :w]
+
+
+@pytest.mark.parametrize('padding,minimum', [('divisor', (1, 1)),
+                                             ('crop', (16, 24))])
+def test_divisor_and_crop_padding_let_the_network_see_mean_padding(
+    padding, minimum):
+  """MMSegmentation's size_divisor / PSPNet's pad-to-crop protocols."""
+  apply_fn = _model(eval_standins.ConvPool)
+  options = inference.InferenceOptions(padding=padding, size_divisor=8,
+                                       window_size=minimum,
+                                       window_stride=minimum)
+  rng = np.random.default_rng(8)
+  # Garbage in the canvas padding: the protocol pads with the mean (0).
+  images, sizes, exact = _canvas(rng, [(13, 17), (24, 30), (5, 9)], (24, 32))
+  probs = jax.jit(functools.partial(inference.predict_probs, apply_fn,
+                                    options=options))(images, sizes)
+  exact_probs = jax.jit(functools.partial(
+      inference.predict_probs, apply_fn,
+      options=inference.InferenceOptions()))(images, sizes)
+  for b, (h, w) in enumerate(sizes):
+    expected = _padded_reference(apply_fn, exact[b], 8, minimum)
+    np.testing.assert_allclose(probs[b, :h, :w], expected, atol=2e-5)
+  # 13x17 is padded (to 16x24): the network sees it, so the protocols differ.
+  assert np.abs(probs[0, :13, :17] - exact_probs[0, :13, :17]).max() > 1e-3
+
+
+def test_divisor_padding_composes_with_scales_flip_and_slide():
+  """A per-pixel model cannot see padding: every protocol agrees exactly."""
+  apply_fn = _model(eval_standins.Pointwise)
+  rng = np.random.default_rng(9)
+  images, sizes, _ = _canvas(rng, [(21, 30), (11, 13)], (24, 32))
+  for mode in ('whole', 'slide'):
+    common = dict(mode=mode, scales=(0.75, 1.25), flip=True,
+                  window_size=(16, 16), window_stride=(12, 12))
+    results = [jax.jit(functools.partial(
+        inference.predict_probs, apply_fn,
+        options=inference.InferenceOptions(padding=p, size_divisor=7,
+                                           **common)))(images, sizes)
+               for p in ('exact', 'divisor', 'crop')]
+    for b, (h, w) in enumerate(sizes):
+      for other in results[1:]:
+        np.testing.assert_allclose(other[b, :h, :w], results[0][b, :h, :w],
+                                   atol=1e-5)
+
+
+def test_padding_options_validate():
+  with pytest.raises(ValueError, match='config.eval.padding'):
+    inference.InferenceOptions(padding='reflect')
+  with pytest.raises(ValueError, match='size_divisor'):
+    inference.InferenceOptions(padding='divisor', size_divisor=0)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from pan_jax import export
 from pan_jax import models
 from pan_jax import optim
 from pan_jax import sharding
 from pan_jax import train
+from pan_jax.checkpoints import exported
 from pan_jax.data import sources
 
 
@@ -24,7 +24,7 @@ def _export_donor(config, tmp_path):
   """A seed-1 network saved as an inference checkpoint: (state, its path)."""
   donor, meta = _fresh_state(config, seed=1)
   path = str(tmp_path / 'export')
-  export.save_inference_checkpoint(
+  exported.save(
       path, config, meta,
       {'params': donor.params, 'batch_stats': donor.batch_stats})
   return donor, path
@@ -55,3 +55,56 @@ def test_init_from_refuses_an_incompatible_model(tmp_path):
   other.model.init_from = path
   with pytest.raises(ValueError, match='decoder_channels'):
     train._load_pretrained(state, other, sharding.make_mesh())  # pylint: disable=protected-access
+
+
+def test_finetune_stage_starts_from_a_workdir_with_a_fresh_step_and_optimiser(
+    tmp_path, monkeypatch):
+  """configs/voc.py:finetune's mechanism: init_from = stage 1's workdir."""
+  # pylint: disable=g-import-not-at-top
+  import json
+  from configs import voc
+  from pan_jax import errors
+  from pan_jax.checkpoints import workdir as workdir_lib
+  # pylint: enable=g-import-not-at-top
+  monkeypatch.setattr(train, 'validate', lambda *args: {
+      'miou': 0.5, 'pixel_accuracy': 0.5, 'mean_accuracy': 0.5})
+  stage1 = smoke.get_config()
+  stage1.total_steps = 2
+  stage1.eval_every_steps = 0
+  donor = str(tmp_path / 'stage1')
+  train.train_and_evaluate(stage1, donor)
+  donor_variables, donor_step = workdir_lib.restore_variables(donor)
+  assert donor_step == 2
+
+  # Stage 2 is the same network on other data (the fake set has no
+  # trainval split, so train on its train split here).
+  stage2 = voc.finetune(smoke.get_config())
+  stage2.data.train_split = 'train'
+  stage2.model.require_init_from = True
+  stage2.total_steps = 1
+  with pytest.raises(errors.ConfigError, match='init_from'):
+    train.train_and_evaluate(stage2, str(tmp_path / 'refused'))
+  assert not (tmp_path / 'refused').exists()
+  stage2.model.init_from = donor
+
+  fresh, _ = _fresh_state(stage2, seed=0)
+  loaded = train._load_pretrained(fresh, stage2, sharding.make_mesh())  # pylint: disable=protected-access
+  for got, want in zip(jax.tree.leaves(loaded.params),
+                       jax.tree.leaves(donor_variables['params'])):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  for got, want in zip(jax.tree.leaves(loaded.batch_stats),
+                       jax.tree.leaves(donor_variables['batch_stats'])):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert int(loaded.step) == 0
+  # SGD's momentum starts at zero, not at stage 1's.
+  assert all(not np.asarray(x).any()
+             for x in jax.tree.leaves(loaded.opt_state))
+
+  run = tmp_path / 'stage2'
+  assert train.train_and_evaluate(stage2, str(run))['step'] == 1
+  assert workdir_lib.restore_variables(str(run))[1] == 1
+  first = json.loads((run / 'metrics.jsonl').read_text().splitlines()[0])
+  # The schedule restarts at stage 2's lr0 (poly at step 0).
+  assert first['step'] == 1
+  assert first['learning_rate'] == pytest.approx(voc.FINETUNE[
+      'optim.learning_rate'])

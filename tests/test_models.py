@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from configs import smp_pan
 from configs import smoke
+from configs import smp_pan
 from pan_jax import models
 from pan_jax.models import layers
 from pan_jax.models import resnet
@@ -340,3 +340,38 @@ def test_conv_matches_lax_when_the_kernel_is_larger(hw, kernel, rate):
       x, w, jax.lax.conv_general_dilated)
   for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('width,expand', [(0, False), (1, False), (8, False),
+                                          (3, True)])
+def test_fpa_pyramid_takes_any_width(width, expand):
+  """0 = decoder width, 1 = smp's map, any other N is expanded back by 1x1."""
+  config = tiny_config(**{'fpa.pyramid_channels': width})
+  params = init_shapes(config, 3, size=64)['params']['center']
+  channels = config.model.decoder_channels
+  assert params['down1']['conv']['kernel'].shape[-1] == (width or channels)
+  assert ('expand' in params) == expand
+  if expand:
+    assert params['expand']['conv']['kernel'].shape == (1, 1, width,
+                                                        channels)
+  forward = models.create_model(config, 3)
+  images = jnp.ones((1, 64, 64, 3))
+  logits = forward.apply(forward.init(jax.random.key(0), images), images)
+  assert logits.shape == (1, 64, 64, 3)
+
+
+def test_fpa_expanded_pyramid_ignores_padding():
+  _padded_vs_exact(tiny_config(**{'fpa.pyramid_channels': 3}),
+                   sizes=[(96, 112), (65, 97)])
+
+
+def test_fpa_kernel_order_is_finest_level_first():
+  params = init_shapes(tiny_config(**{'fpa.kernels': (3, 5, 7)}), 3,
+                       size=64)['params']['center']
+  assert [params[f'down{i}']['conv']['kernel'].shape[0]
+          for i in (1, 2, 3)] == [3, 5, 7]
+
+
+def test_fpa_negative_width_is_an_error():
+  with pytest.raises(ValueError, match='pyramid_channels'):
+    init_shapes(tiny_config(**{'fpa.pyramid_channels': -2}), 3, size=64)

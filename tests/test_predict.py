@@ -7,8 +7,8 @@ from PIL import Image
 import pytest
 
 import eval_standins
-from pan_jax import export
 from pan_jax import predict
+from pan_jax.checkpoints import exported
 
 
 @pytest.fixture(scope='module')
@@ -16,7 +16,7 @@ def checkpoint(tmp_path_factory):
   """An inference checkpoint of the smoke model (no StableHLO: not needed)."""
   workdir, config, meta, _, variables = eval_standins.smoke_workdir()
   path = str(tmp_path_factory.mktemp('predict') / 'export')
-  export.save_inference_checkpoint(path, config, meta, variables, step=4,
+  exported.save(path, config, meta, variables, step=4,
                                    source=workdir)
   return path, meta
 

@@ -13,7 +13,15 @@ Atomicity: tfds generates into `DATA/<name>/incomplete.<random>_<version>/` and
 renames it to `DATA/<name>/<version>/` only when everything, dataset_info.json
 included, is written; on an exception it deletes the temporary folder. A
 killed build leaves only an `incomplete.*` folder, which `build` removes the
-next time. A dataset is "built" iff `<version>/dataset_info.json` exists.
+next time. A rebuild (overwrite) moves the old build aside and deletes it only
+when the new one is complete. A dataset is "built" iff
+`<version>/dataset_info.json` exists.
+
+A gs:// data_dir (array_record writes local files only) is built in the
+local cache and uploaded with dataset_info.json last (paths.upload_tree), so
+that it is "built" there only once every other file is up and verified;
+`local_copy` gives training and evaluation a verified copy in the local
+cache, made once per host.
 """
 
 import contextlib
@@ -24,14 +32,19 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Optional
+from typing import Any, Optional
 
 from absl import logging
+from pan_jax import paths
 from pan_jax.data import records
 import tensorflow_datasets as tfds
 
 VERSION = '1.0.0'
+# Written last by tfds (and uploaded last): the dataset's commit marker.
+INFO_FILE = 'dataset_info.json'
 _VERSION_RE = re.compile(r'^\d+\.\d+\.\d+$')
+# Prefix of a complete build moved aside while --overwrite rebuilds it.
+_REPLACED = '.replaced.'
 
 
 @dataclasses.dataclass
@@ -48,6 +61,11 @@ class DatasetSpec:
     notes: things the user must be told (e.g. a split that was not built).
     bad: (path, problem) of inputs already skipped while listing the files
       (only with skip_bad).
+    build_args: the options it was made with besides source_dir (e.g.
+      num_classes), kept in the metadata so that prepare can tell a rerun
+      from a build of something else.
+    unlabeled_splits: splits whose images have no ground truth (benchmark
+      test splits; their labels are all 255); kept in the metadata.
   """
   name: str
   class_names: tuple[str, ...]
@@ -57,19 +75,46 @@ class DatasetSpec:
   source_dir: str
   notes: list[str] = dataclasses.field(default_factory=list)
   bad: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  build_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+  unlabeled_splits: tuple[str, ...] = ()
 
 
 def built_dir(data_dir: str, name: str) -> Optional[str]:
-  """The newest complete build of dataset `name` under data_dir, or None."""
+  """The newest complete build of dataset `name` under data_dir, or None.
+
+  Args:
+    data_dir: a local directory or a gs:// URL.
+    name: the dataset.
+  """
   root = os.path.join(data_dir, name)
-  if not os.path.isdir(root):
+  if not paths.isdir(root):
     return None
-  versions = [v for v in os.listdir(root) if _VERSION_RE.match(v) and
-              os.path.isfile(os.path.join(root, v, 'dataset_info.json'))]
+  versions = [v for v in paths.listdir(root) if _VERSION_RE.match(v) and
+              paths.isfile(os.path.join(root, v, INFO_FILE))]
   if not versions:
     return None
   newest = max(versions, key=lambda v: tuple(int(x) for x in v.split('.')))
   return os.path.join(root, newest)
+
+
+def local_copy(dataset_dir: str, cache_dir: str) -> str:
+  """A local directory holding dataset_dir's files.
+
+  Args:
+    dataset_dir: a built dataset (built_dir's result), local or gs://.
+    cache_dir: where a gs:// dataset is copied (config.data.cache_dir).
+
+  Returns:
+    dataset_dir itself if local; otherwise its copy under cache_dir,
+    made or checked now (paths.mirror: verified, once per host, safe for
+    concurrent processes).
+  """
+  if not paths.is_url(dataset_dir):
+    return dataset_dir
+  local = paths.cache_path(cache_dir, dataset_dir)
+  if paths.mirror(dataset_dir, local, INFO_FILE):
+    logging.info('Copied %s to %s.', dataset_dir, local)
+  return local
 
 
 class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
@@ -98,10 +143,13 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
         num_classes=len(spec.class_names),
         ignore_label=records.IGNORE_LABEL,
         source_dir=os.path.abspath(spec.source_dir),
+        build_args=dict(spec.build_args),
         # split -> [max height, max width]: lets evaluation check its canvas
         # before it starts.
         max_image_size={},
         skipped=[],
+        # Splits without ground truth: evaluation writes predictions only.
+        unlabeled_splits=list(spec.unlabeled_splits),
     )
     return tfds.core.DatasetInfo(
         builder=self,
@@ -194,15 +242,25 @@ class _Call:
 
 
 def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
-          num_workers: int = 0) -> tuple[str, list[tuple[str, str]]]:
+          num_workers: int = 0, overwrite: bool = False,
+          cache_dir: Optional[str] = None
+          ) -> tuple[str, list[tuple[str, str]]]:
   """Builds `spec` into data_dir atomically (no-op if already built).
 
   Args:
     spec: what to build.
-    data_dir: the tfds data_dir (DATA); the result is DATA/<name>/<version>.
+    data_dir: the tfds data_dir (DATA), local or gs://; the result is
+      DATA/<name>/<version>.
     skip_bad: skip and count bad examples instead of failing on the first.
     num_workers: processes reading / checking / encoding source files (0 or
       1 = in this process).
+    overwrite: replace a complete build. The old one is moved aside and
+      deleted only once the new one is complete; if the build fails (or is
+      killed: the next build puts it back) the old one stays.
+    cache_dir: for a gs:// data_dir, the local directory the dataset is
+      built in before it is uploaded (config.data.cache_dir). With
+      overwrite, the bucket's old build stays until the new one is built
+      locally, then it is deleted and the new one uploaded.
 
   Returns:
     (the dataset's directory, [(path, problem) of skipped inputs]).
@@ -210,39 +268,74 @@ def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
   Raises:
     records.BadInputError: a bad input (without skip_bad) or an empty split.
   """
-  os.makedirs(data_dir, exist_ok=True)
-  with _build_lock(data_dir, spec.name):
+  if paths.is_url(data_dir):
     existing = built_dir(data_dir, spec.name)
-    if existing:
+    if existing and not overwrite:
       logging.info('%s is already built at %s', spec.name, existing)
       return existing, []
-    _remove_incomplete(os.path.join(data_dir, spec.name))
+    if not cache_dir:
+      raise ValueError(f'building into {data_dir} needs a local cache_dir')
+    local, skipped = build(spec, paths.cache_path(cache_dir, data_dir),
+                           skip_bad=skip_bad, num_workers=num_workers,
+                           overwrite=overwrite)
+    remote = os.path.join(data_dir, spec.name, os.path.basename(local))
+    if existing:
+      paths.rmtree(existing)  # No prefix rename on GCS: the old one goes.
+    print(f'Uploading {local} to {remote} ...', flush=True)
+    paths.upload_tree(local, remote, INFO_FILE)
+    return remote, skipped
+  os.makedirs(data_dir, exist_ok=True)
+  root = os.path.join(data_dir, spec.name)
+  with build_lock(data_dir, spec.name):
+    _remove_incomplete(root)
+    existing = built_dir(data_dir, spec.name)
+    if existing and not overwrite:
+      logging.info('%s is already built at %s', spec.name, existing)
+      return existing, []
+    replaced = None
+    if existing:
+      replaced = os.path.join(root,
+                              _REPLACED + os.path.basename(existing))
+      os.rename(existing, replaced)
     builder_cls = type(
         _camel_case(spec.name), (SegmentationBuilder,), {'name': spec.name},
         skip_registration=True)
     builder = builder_cls(spec, skip_bad=skip_bad, num_workers=num_workers,
                           data_dir=data_dir, file_format='array_record')
-    # tfds insists on a download manager; keep its (empty) folders out of
-    # DATA.
-    with tempfile.TemporaryDirectory(prefix='pan_jax_dl_') as download_dir:
-      builder.download_and_prepare(download_dir=download_dir)
+    try:
+      # tfds insists on a download manager; keep its (empty) folders out of
+      # DATA.
+      with tempfile.TemporaryDirectory(prefix='pan_jax_dl_') as download_dir:
+        builder.download_and_prepare(download_dir=download_dir)
+    except BaseException:
+      if replaced:
+        os.rename(replaced, existing)
+      raise
+    if replaced:
+      shutil.rmtree(replaced, ignore_errors=True)
     return str(builder.data_path), builder.skipped
 
 
 @contextlib.contextmanager
-def _build_lock(data_dir: str, name: str):
+def build_lock(directory: str, name: str):
   """Serialises builds of one dataset (a second prepare waits, then no-ops).
 
-  Without it, a second build would delete the first one's temporary folder.
-  An flock is released by the kernel when its process dies, so a killed
-  build never leaves a stale lock.
+  Without it, a second build would delete the first one's temporary folder;
+  under it, any temporary folder is a leftover of a dead build. An flock is
+  released by the kernel when its process dies, so a killed build never
+  leaves a stale lock.
+
+  Args:
+    directory: where the lock file `.<name>.lock` goes (the data_dir, or
+      the source folder synthetic data is generated in).
+    name: the dataset.
   """
-  with open(os.path.join(data_dir, f'.{name}.lock'), 'w') as lock:
+  with open(os.path.join(directory, f'.{name}.lock'), 'w') as lock:
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      print(f'another process is building {name} in {data_dir}; waiting for '
-            'it ...', flush=True)
+      print(f'another process is building {name} in {directory}; waiting '
+            'for it ...', flush=True)
       fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       yield
@@ -251,14 +344,27 @@ def _build_lock(data_dir: str, name: str):
 
 
 def _remove_incomplete(root: str):
-  """Deletes the leftovers of interrupted builds (tfds' incomplete.* dirs)."""
+  """Cleans up after interrupted builds (call with the build lock held).
+
+  Deletes tfds' incomplete.* folders, and puts back a build that an
+  interrupted --overwrite had moved aside (or deletes it if a newer one
+  completed).
+  """
   if not os.path.isdir(root):
     return
   for entry in os.listdir(root):
+    path = os.path.join(root, entry)
     if entry.startswith('incomplete.'):
-      logging.info('removing the remains of an interrupted build: %s/%s',
-                   root, entry)
-      shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+      logging.info('removing the remains of an interrupted build: %s', path)
+      shutil.rmtree(path, ignore_errors=True)
+    elif entry.startswith(_REPLACED):
+      version = os.path.join(root, entry[len(_REPLACED):])
+      if os.path.exists(version):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        logging.warning('an interrupted rebuild left %s: restoring it as %s',
+                        path, version)
+        os.rename(path, version)
 
 
 def _camel_case(name: str) -> str:

@@ -3,15 +3,21 @@
 Expected under SRC:
   leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png
   gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
-for the splits train and val (test has no public labels and is not built).
+for the splits train and val. Split test is built from its images alone
+(leftImg8bit/test; the test labels are not public, gtFine/test is not read):
+its labels are all 255, for the benchmark server's files
+(`python -m pan_jax.evaluate --split=test --format=cityscapes_test`).
 
 The 34 label ids are mapped to the 19 train ids of the benchmark; every other
 id (and 255) becomes 255 (ignore). The table is the official one
-(cityscapesScripts helpers/labels.py).
+(cityscapesScripts helpers/labels.py); `to_label_ids` maps predictions back
+for the server, which scores label ids.
 """
 
 import glob
 import os
+
+import numpy as np
 
 from pan_jax.data import builder
 from pan_jax.data import records
@@ -32,7 +38,12 @@ LABEL_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 NUM_LABEL_IDS = 34
-SPLITS = ('train', 'val')
+# Train id -> label id (the inverse of LABEL_TO_TRAIN_ID).
+TRAIN_ID_TO_LABEL_ID = tuple(sorted(LABEL_TO_TRAIN_ID,
+                                    key=LABEL_TO_TRAIN_ID.get))
+SPLITS = ('train', 'val', 'test')
+# Splits without public labels: built from the images alone.
+UNLABELED_SPLITS = ('test',)
 _IMAGE_SUFFIX = '_leftImg8bit.png'
 _LABEL_SUFFIX = '_gtFine_labelIds.png'
 
@@ -47,8 +58,28 @@ def label_mapping() -> records.LabelMapping:
       tuple(table), f'Cityscapes label ids 0..{NUM_LABEL_IDS - 1} (or 255)')
 
 
+def to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+  """Train ids (0..18) -> Cityscapes label ids, e.g. for the test server.
+
+  Args:
+    train_ids: int [H, W] predicted train ids.
+
+  Returns:
+    uint8 [H, W] label ids (7 = road, 26 = car, ...).
+
+  Raises:
+    ValueError: a value that is not a train id.
+  """
+  train_ids = np.asarray(train_ids)
+  if train_ids.size and (train_ids.min() < 0 or
+                         train_ids.max() >= len(TRAIN_ID_TO_LABEL_ID)):
+    raise ValueError(f'train ids must be in 0..{len(CLASS_NAMES) - 1}, got '
+                     f'{train_ids.min()}..{train_ids.max()}')
+  return np.asarray(TRAIN_ID_TO_LABEL_ID, np.uint8)[train_ids]
+
+
 def scan(source_dir: str, *, skip_bad: bool = False) -> builder.DatasetSpec:
-  """Lists the examples of the train and val splits (those present).
+  """Lists the examples of the train, val and test splits (those present).
 
   Args:
     source_dir: SRC, holding leftImg8bit/ and gtFine/.
@@ -76,14 +107,33 @@ def scan(source_dir: str, *, skip_bad: bool = False) -> builder.DatasetSpec:
     raise records.BadInputError(
         image_root, f'none of the split folders {", ".join(SPLITS)} found',
         skippable=False)
-  bad, splits = [], {}
-  for split in present:
-    splits[split] = _scan_split(os.path.join(image_root, split),
-                                os.path.join(label_root, split), skip_bad,
-                                bad)
+  bad = []  # _scan_split appends (path, problem) of skipped inputs.
+  splits = {split: (_images_only(os.path.join(image_root, split))
+                   if split in UNLABELED_SPLITS else
+                   _scan_split(os.path.join(image_root, split),
+                               os.path.join(label_root, split), skip_bad, bad))
+            for split in present}
   return builder.DatasetSpec(
       name='cityscapes', class_names=CLASS_NAMES, palette=PALETTE,
-      mapping=label_mapping(), splits=splits, source_dir=source_dir, bad=bad)
+      mapping=label_mapping(), splits=splits, source_dir=source_dir, bad=bad,
+      unlabeled_splits=tuple(s for s in present if s in UNLABELED_SPLITS))
+
+
+def _images_only(image_dir):
+  """<stem>_leftImg8bit.png files of a split without labels."""
+  images = _find(image_dir, _IMAGE_SUFFIX)
+  if not images:
+    raise records.BadInputError(
+        image_dir, f'empty split: no <city>/*{_IMAGE_SUFFIX} files',
+        skippable=False)
+  return [records.ExampleFiles(stem, images[stem], '', 'none')
+          for stem in sorted(images)]
+
+
+def _find(directory, suffix):
+  """{stem: path} of <directory>/<city>/<stem><suffix>."""
+  return {os.path.basename(p)[:-len(suffix)]: p for p in glob.glob(
+      os.path.join(directory, '*', '*' + suffix))}
 
 
 def _scan_split(image_dir, label_dir, skip_bad, bad):
@@ -92,10 +142,8 @@ def _scan_split(image_dir, label_dir, skip_bad, bad):
     raise records.BadInputError(label_dir, 'label folder of this split not '
                                 f'found; expected */*{_LABEL_SUFFIX}',
                                 skippable=False)
-  images = {os.path.basename(p)[:-len(_IMAGE_SUFFIX)]: p for p in glob.glob(
-      os.path.join(image_dir, '*', '*' + _IMAGE_SUFFIX))}
-  labels = {os.path.basename(p)[:-len(_LABEL_SUFFIX)]: p for p in glob.glob(
-      os.path.join(label_dir, '*', '*' + _LABEL_SUFFIX))}
+  images = _find(image_dir, _IMAGE_SUFFIX)
+  labels = _find(label_dir, _LABEL_SUFFIX)
   if not images:
     raise records.BadInputError(
         image_dir, f'empty split: no <city>/*{_IMAGE_SUFFIX} files',

@@ -11,6 +11,7 @@ inside pan_jax so one convention runs through the system.
 import os
 from typing import Optional, Sequence
 
+from pan_jax import errors
 from pan_jax.data import builder
 from pan_jax.data import records
 from pan_jax.data import voc
@@ -34,21 +35,21 @@ def scan(source_dir: str, *, num_classes: int, ignore_label: int = 255,
     The DatasetSpec.
 
   Raises:
-    ValueError: inconsistent num_classes / ignore_label / class_names.
+    ConfigError: inconsistent num_classes / ignore_label / class_names, or
+      class names that are empty or not unique.
     records.BadInputError: missing folders, empty split, unpaired files.
   """
   if not 1 <= num_classes <= 255:
-    raise ValueError(f'num_classes={num_classes}; expected 1..255 (255 is '
-                     'the ignore value inside pan_jax)')
+    raise errors.ConfigError(
+        f'--num_classes={num_classes}; expected 1..255 (255 is the ignore '
+        'value inside pan_jax)')
   if not num_classes <= ignore_label <= 255:
-    raise ValueError(
-        f'ignore_label={ignore_label}; expected a value in {num_classes}..255 '
-        f'(0..{num_classes - 1} are the class ids)')
+    raise errors.ConfigError(
+        f'--ignore_label={ignore_label}; expected a value in '
+        f'{num_classes}..255 (0..{num_classes - 1} are the class ids)')
   if class_names is None:
     class_names = [f'class_{i}' for i in range(num_classes)]
-  if len(class_names) != num_classes:
-    raise ValueError(f'{len(class_names)} class names for num_classes='
-                     f'{num_classes}: {list(class_names)}')
+  check_class_names(class_names, num_classes)
   if not os.path.isdir(source_dir):
     raise records.BadInputError(source_dir, 'source folder not found',
                                 skippable=False)
@@ -64,16 +65,42 @@ def scan(source_dir: str, *, num_classes: int, ignore_label: int = 255,
   if not split_names:
     raise records.BadInputError(image_root, 'no split folders (e.g. train/, '
                                 'val/) inside', skippable=False)
-  bad, splits = [], {}
-  for split in split_names:
-    splits[split] = _scan_split(os.path.join(image_root, split),
-                                os.path.join(label_root, split), skip_bad,
-                                bad)
+  bad = []  # _scan_split appends (path, problem) of skipped inputs.
+  splits = {split: _scan_split(os.path.join(image_root, split),
+                               os.path.join(label_root, split), skip_bad, bad)
+            for split in split_names}
   return builder.DatasetSpec(
       name='folder', class_names=tuple(class_names),
       palette=voc.color_map(num_classes),
       mapping=records.LabelMapping.identity(num_classes, (ignore_label,)),
       splits=splits, source_dir=source_dir, bad=bad)
+
+
+def check_class_names(class_names: Sequence[str], num_classes: int) -> None:
+  """Raises ConfigError unless there are num_classes unique, non-empty names.
+
+  Reports, metrics and TensorBoard key per-class scores by name: two classes
+  with one name would show as one, an empty name as nothing.
+
+  Args:
+    class_names: --class_names, parsed.
+    num_classes: --num_classes.
+  """
+  names = list(class_names)
+  if len(names) != num_classes:
+    raise errors.ConfigError(
+        f'--class_names gives {len(names)} names for --num_classes='
+        f'{num_classes}: {names}')
+  empty = [k for k, name in enumerate(names) if not str(name).strip()]
+  if empty:
+    raise errors.ConfigError(
+        f'--class_names: class {empty[0]} has an empty name ({names}); '
+        'expected one non-empty name per class')
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise errors.ConfigError(
+        f'--class_names: {", ".join(map(repr, repeated))} named more than '
+        f'once ({names}); expected a different name for every class')
 
 
 def _scan_split(image_dir, label_dir, skip_bad, bad):

@@ -1,10 +1,17 @@
 """grain input pipelines: training (augmented crops), evaluation (full images).
 
 Training, per process:
-  source -> shard [process_index::process_count] -> shuffle(seed) (a new
-  permutation each epoch) -> repeat -> RandomScaleCrop -> RandomFlip ->
-  Normalize -> batch(global_batch // process_count) -> threads ->
-  multiprocess prefetch (config.data.num_workers; 0 = in process).
+  source -> shuffle(seed) (a new permutation each epoch) -> repeat ->
+  RandomScaleCrop -> RandomFlip -> this process's rows
+  [process_index::process_count] -> Normalize ->
+  batch(global_batch // process_count) -> threads -> multiprocess prefetch
+  (config.data.num_workers; 0 = in process).
+The order and the augmentation are those of one global stream (grain seeds
+each example's augmentation from its position in it), and global batch i is
+its examples [i * B, (i + 1) * B) whatever the process count: each process
+reads only the examples of its rows, and 2 processes x 4 devices train on
+exactly the batches of 1 process x 8 devices (their rows in another order,
+which the mean loss and the global BatchNorm statistics do not see).
 Batches are formed before the prefetch, so their content does not depend on
 the worker count; the iterator state (grain get_state / set_state, or
 grain.checkpoint.CheckpointSave / CheckpointRestore in an Orbax checkpoint) is
@@ -30,6 +37,8 @@ from typing import Any, Optional
 from absl import flags
 import grain
 import numpy as np
+from pan_jax import errors
+from pan_jax.data import records
 from pan_jax.data import sources
 from pan_jax.data import transforms
 
@@ -57,20 +66,22 @@ def build_train_iter(config, process_index: int = 0, process_count: int = 1):
   batch_size = _per_process(config.global_batch_size, process_count)
   source = sources.open_split(data, data.train_split)
   if len(source) < process_count:
-    raise ValueError(f'split {data.train_split!r} has {len(source)} examples, '
-                     f'fewer than the {process_count} processes')
+    raise errors.DataError(
+        f'split {data.train_split!r} has {len(source)} examples, fewer than '
+        f'the {process_count} processes')
   dataset = grain.MapDataset.source(source)
-  dataset = dataset[process_index::process_count]
   dataset = dataset.shuffle(seed=config.seed)
   dataset = dataset.repeat()
-  # Augmentation streams differ between processes (grain seeds each element
-  # from the seed and its index, which is process-local).
-  seed = _process_seed(config.seed, process_index)
+  # Seeded per position in the global stream: the same augmentation of an
+  # example on any process count.
+  seed = _augmentation_seed(config.seed)
   dataset = dataset.random_map(
       transforms.RandomScaleCrop(int(data.crop_size), float(data.min_scale),
                                  float(data.max_scale)), seed=seed)
   dataset = dataset.random_map(transforms.RandomFlip(), seed=seed + 1)
   dataset = dataset.map(_KeepKeys(('image', 'label')))
+  # Lazy: only this process's examples are read and augmented.
+  dataset = dataset[process_index::process_count]
   workers = int(data.num_workers)
   if not workers:
     dataset = dataset.map(transforms.Normalize())
@@ -144,18 +155,10 @@ def build_eval_iter(config, split: Optional[str] = None,
   if batch_size is None:
     batch_size = max(1, math.ceil(config.eval.batch_size / process_count))
   canvas_h, canvas_w = (int(v) for v in config.eval.canvas_size)
-  largest = sources.max_image_size(config.data, split)
-  if largest and (largest[0] > canvas_h or largest[1] > canvas_w):
-    raise ValueError(
-        f'split {split!r} of {config.data.name} has images up to '
-        f'{largest[0]}x{largest[1]} (HxW) but config.eval.canvas_size is '
-        f'{canvas_h}x{canvas_w}; the canvas must hold the whole image (also '
-        f'with eval.mode={config.eval.mode!r}: sliding windows run over the '
-        'padded canvas). Set --config.eval.canvas_size to at least '
-        f'({_round_up(largest[0], 32)}, {_round_up(largest[1], 32)})')
+  check_eval_canvas(config, split)
   source = sources.open_split(config.data, split)
   if not len(source):
-    raise ValueError(f'split {split!r} of {config.data.name} is empty')
+    raise errors.DataError(f'split {split!r} of {config.data.name} is empty')
   indices = list(range(process_index, len(source), process_count))
   # The largest share has ceil(n / process_count) examples.
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
@@ -166,6 +169,24 @@ def build_eval_iter(config, split: Optional[str] = None,
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=_READ_THREADS, prefetch_buffer_size=2))
   return EvalBatches(dataset, num_batches, len(indices))
+
+
+def check_eval_canvas(config, split: str) -> None:
+  """Raises ValueError unless config.eval.canvas_size holds `split`'s images.
+
+  Uses the largest image size recorded in the dataset's metadata, so it
+  fails before anything is compiled or read (nothing when it is unknown;
+  PadToSize still checks each image).
+
+  Args:
+    config: the whole config (data.*, eval.canvas_size).
+    split: the split to be evaluated.
+  """
+  largest = sources.max_image_size(config.data, split)
+  if largest:
+    transforms.check_canvas_holds(
+        largest, config.eval.canvas_size,
+        f'the largest image of {config.data.name}/{split}')
 
 
 class _EvalExample(grain.transforms.Map):
@@ -182,7 +203,7 @@ class _EvalExample(grain.transforms.Map):
       return {
           'image': np.zeros((self._canvas_h, self._canvas_w, 3), np.float32),
           'label': np.full((self._canvas_h, self._canvas_w),
-                           transforms.IGNORE_LABEL, np.int32),
+                           records.IGNORE_LABEL, np.int32),
           'image_size': np.array([self._canvas_h, self._canvas_w], np.int32),
           'valid': np.array(False), 'index': np.array(-1, np.int32)}
     example = self._pad.map(self._normalize.map(self._source[index]))
@@ -203,16 +224,13 @@ class _KeepKeys(grain.transforms.Map):
 
 def _per_process(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(f'global_batch_size={global_batch_size} is not divisible '
-                     f'by the process count {process_count}')
+    raise errors.ConfigError(
+        f'global_batch_size={global_batch_size} is not divisible by the '
+        f'process count {process_count}')
   return global_batch_size // process_count
 
 
-def _process_seed(seed: int, process_index: int) -> int:
-  """A 32-bit seed for (seed, process) from numpy's SeedSequence."""
-  return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0]
+def _augmentation_seed(seed: int) -> int:
+  """A 32-bit seed for the augmentation from numpy's SeedSequence."""
+  return int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]
              ) % (2**32 - 2)
-
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple

@@ -25,14 +25,19 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from pan_jax import errors
+
 IGNORE_LABEL = 255
 # PNG signature (8) + IHDR length (4) + 'IHDR' (4) + width (4) + height (4).
 _PNG_BIT_DEPTH_OFFSET = 24
 _PNG_COLOUR_TYPE_RGB = 2
 
 
-class BadInputError(ValueError):
+class BadInputError(errors.DataError):
   """A source file is not what the dataset needs.
+
+  When one stops a build (prepare without --skip_bad), its message says
+  that --skip_bad would skip it, unless skipping cannot help.
 
   Attributes:
     path: the offending file (or folder).
@@ -45,7 +50,9 @@ class BadInputError(ValueError):
     self.path = str(path)
     self.problem = problem
     self.skippable = skippable
-    super().__init__(f'{self.path}: {problem}')
+    hint = (' (--skip_bad skips such examples and lists them at the end; '
+            'nothing was written)' if skippable else '')
+    super().__init__(f'{self.path}: {problem}{hint}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +111,10 @@ class ExampleFiles:
   Attributes:
     file_name: stored with the record (a stem such as '2007_000032').
     image_path: JPEG or PNG image.
-    label_path: PNG of raw ids, or an SBD .mat when label_format is 'sbd_mat'.
-    label_format: 'png' or 'sbd_mat'.
+    label_path: PNG of raw ids, or an SBD .mat when label_format is 'sbd_mat'
+      ('' for 'none').
+    label_format: 'png', 'sbd_mat', or 'none' for an image without labels (a
+      benchmark's test split): its label is all IGNORE_LABEL.
   """
   file_name: str
   image_path: str
@@ -258,13 +267,17 @@ def make_record(example: ExampleFiles, mapping: LabelMapping):
     BadInputError: any check above fails.
   """
   image, (height, width) = read_image(example.image_path)
-  raw = read_label(example.label_path, example.label_format)
-  if raw.shape != (height, width):
-    raise BadInputError(
-        example.label_path,
-        f'label is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image '
-        f'{example.image_path} is {width}x{height}; expected the same size')
-  label = mapping.apply(raw, example.label_path)
+  if example.label_format == 'none':
+    # No ground truth (a test split): every pixel is ignored by the metrics.
+    label = np.full((height, width), IGNORE_LABEL, np.uint8)
+  else:
+    raw = read_label(example.label_path, example.label_format)
+    if raw.shape != (height, width):
+      raise BadInputError(
+          example.label_path,
+          f'label is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image '
+          f'{example.image_path} is {width}x{height}; expected the same size')
+    label = mapping.apply(raw, example.label_path)
   record = {'image': image, 'label': encode_png(label),
             'file_name': example.file_name}
   return record, (height, width)

@@ -13,9 +13,11 @@ dataset's metadata (`get_meta`), never from the config.
 
 import dataclasses
 import json
-import os
 from typing import Any
 
+from pan_jax import defaults
+from pan_jax import errors
+from pan_jax import paths
 from pan_jax.data import builder
 from pan_jax.data import records
 from pan_jax.data import synthetic
@@ -28,6 +30,9 @@ FAKE_SPLITS = {'train': (64, 48, 96), 'val': (10, 40, 96)}
 _FAKE_SEED = 1234
 # Datasets that prepare.py builds, with the --dataset to name in errors.
 PREPARED_DATASETS = ('voc2012_aug', 'cityscapes', 'folder', 'synthetic')
+# (data_dir, name, cache_dir) of a gs:// dataset -> its local copy, checked
+# once per process.
+_LOCAL_COPIES: dict[tuple[str, str, str], str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,40 @@ class DatasetMeta:
                              for colour in fields['palette']),
                ignore_label=int(fields.get('ignore_label',
                                            records.IGNORE_LABEL)))
+
+
+def check_classes(expected: DatasetMeta, found: DatasetMeta,
+                  expected_what: str, found_what: str) -> None:
+  """Raises MismatchError unless two datasets have the same classes.
+
+  The same number of classes with the same names in the same order: a model
+  trained on one is then scored, resumed or used on the other with the
+  class ids meaning the same things.
+
+  Args:
+    expected: e.g. the metadata saved with a checkpoint.
+    found: e.g. the metadata of the dataset it is used with.
+    expected_what: what `expected` belongs to, for the message ('checkpoint
+      RUN').
+    found_what: what `found` belongs to ('dataset folder in DATA').
+
+  Raises:
+    MismatchError: naming both and both class lists.
+  """
+  mine, theirs = list(expected.class_names), list(found.class_names)
+  if expected.num_classes == found.num_classes and mine == theirs:
+    return
+  if expected.num_classes != found.num_classes:
+    problem = (f'{expected_what} has {expected.num_classes} classes but '
+               f'{found_what} has {found.num_classes}')
+  else:
+    first = next(k for k, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+    problem = (f'{expected_what} and {found_what} have {found.num_classes} '
+               f'classes each but other class names (class {first} is '
+               f'{mine[first]!r} in one, {theirs[first]!r} in the other)')
+  raise errors.MismatchError(
+      f'{problem}: {expected_what} classes {mine}, {found_what} classes '
+      f'{theirs}. They must be the same classes in the same order.')
 
 
 def get_meta(data_config) -> DatasetMeta:
@@ -98,6 +137,23 @@ def max_image_size(data_config, split: str):
   return tuple(sizes[split]) if split in sizes else None
 
 
+def has_labels(data_config, split: str) -> bool:
+  """False for a split prepared without ground truth (a test split).
+
+  Args:
+    data_config: config.data (fields name, data_dir).
+    split: split name.
+
+  Returns:
+    Whether the split's labels are real (datasets prepared before this was
+    recorded have labels in every split).
+  """
+  if data_config.name == FAKE_NAME:
+    return True
+  metadata = _tfds_builder(data_config).info.metadata
+  return split not in metadata.get('unlabeled_splits', [])
+
+
 def open_split(data_config, split: str):
   """A random-access source (len, [i]) of a split's examples.
 
@@ -117,7 +173,7 @@ def open_split(data_config, split: str):
     return FakeSource(_fake_split(split))
   tfds_builder = _tfds_builder(data_config)
   if split not in tfds_builder.info.splits:
-    raise ValueError(
+    raise errors.ConfigError(
         f'dataset {data_config.name} at {tfds_builder.data_dir} has no split '
         f'{split!r}; it has {sorted(tfds_builder.info.splits.keys())}')
   return TfdsSource(tfds_builder.as_data_source(split=split))
@@ -188,21 +244,33 @@ class FakeSource:
 
 
 def dataset_dir(data_config) -> str:
-  """DATA/<name>/<version> of a prepared dataset.
+  """The local directory of a prepared dataset (DATA/<name>/<version>).
+
+  For a gs:// data_dir, the dataset's copy in config.data.cache_dir, made
+  or checked once per process (builder.local_copy).
 
   Raises:
     FileNotFoundError: not prepared, with the command that prepares it.
   """
+  # A config.data made by hand (tests, notebooks) may lack the field.
+  cache_dir = (data_config.get('cache_dir') or
+               defaults.get_config().data.cache_dir)
+  key = (data_config.data_dir, data_config.name, cache_dir)
+  if key in _LOCAL_COPIES:
+    return _LOCAL_COPIES[key]
   path = builder.built_dir(data_config.data_dir, data_config.name)
   if path is None:
     dataset = (data_config.name if data_config.name in PREPARED_DATASETS
                else 'voc2012_aug|cityscapes|folder|synthetic')
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f'dataset {data_config.name!r} is not prepared in '
-        f'{os.path.abspath(data_config.data_dir)} (no '
-        f'{data_config.name}/<version>/dataset_info.json). Build it with: '
+        f'{paths.absolute(data_config.data_dir)} (no '
+        f'{data_config.name}/<version>/{builder.INFO_FILE}). Build it with: '
         f'python -m pan_jax.data.prepare --dataset={dataset} '
         f'--source_dir=SRC --data_dir={data_config.data_dir}')
+  if paths.is_url(path):
+    path = builder.local_copy(path, cache_dir)
+    _LOCAL_COPIES[key] = path
   return path
 
 
@@ -212,7 +280,7 @@ def _tfds_builder(data_config):
 
 def _fake_split(split: str) -> str:
   if split not in FAKE_SPLITS:
-    raise ValueError(f"dataset 'fake' has no split {split!r}; it has "
+    raise errors.ConfigError(f"dataset 'fake' has no split {split!r}; it has "
                      f'{sorted(FAKE_SPLITS)}')
   return split
 

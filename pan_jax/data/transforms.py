@@ -8,13 +8,15 @@ ImageNet mean (0 after normalisation) and mask padding is 255 (ignored).
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import numpy as np
 from PIL import Image
 
-IGNORE_LABEL = 255
+from pan_jax import errors
+from pan_jax.data import records
+
 # ImageNet statistics in 0..255 pixel units, RGB.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255.0
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255.0
@@ -83,7 +85,7 @@ class RandomScaleCrop(grain.transforms.RandomMap):
     out_image[valid_h:] = pad_row
     out_image[:valid_h, valid_w:] = pad_row[valid_w:]
     out_image[:valid_h, :valid_w] = resized_image
-    out_label = np.full((crop, crop), IGNORE_LABEL, np.uint8)
+    out_label = np.full((crop, crop), records.IGNORE_LABEL, np.uint8)
     out_label[:valid_h, :valid_w] = resized_label
     return dict(element, image=out_image, label=out_label)
 
@@ -130,16 +132,40 @@ class PadToSize(grain.transforms.Map):
   def map(self, element: Example) -> Example:
     image, label = element['image'], element['label']
     h, w = label.shape
-    if h > self.height or w > self.width:
-      raise ValueError(
-          f'image {element.get("file_name", "?")} is {h}x{w} (HxW), larger '
-          f'than the evaluation canvas {self.height}x{self.width}; set '
-          'config.eval.canvas_size to at least the largest image size '
-          '(rounded up to a multiple of 32)')
+    check_canvas_holds((h, w), (self.height, self.width),
+                       f'image {element.get("file_name", "?")}')
     out_image = np.zeros((self.height, self.width, image.shape[-1]),
                          image.dtype)  # [Hc, Wc, 3]
     out_image[:h, :w] = image
-    out_label = np.full((self.height, self.width), IGNORE_LABEL, label.dtype)
+    out_label = np.full((self.height, self.width), records.IGNORE_LABEL,
+                        label.dtype)
     out_label[:h, :w] = label
     return dict(element, image=out_image, label=out_label,
                 image_size=np.array([h, w], np.int32))
+
+
+def check_canvas_holds(size: Sequence[int], canvas: Sequence[int],
+                       what: str) -> None:
+  """Raises ValueError unless an image of `size` fits the evaluation canvas.
+
+  Evaluation pads every image to one canvas (config.eval.canvas_size) so that
+  one compiled program serves the whole split; an image larger than the
+  canvas cannot be evaluated.
+
+  Args:
+    size: the image's (height, width).
+    canvas: config.eval.canvas_size (height, width).
+    what: the image, for the message ('image x.png', 'the largest image of
+      voc2012_aug/val').
+  """
+  height, width = (int(v) for v in size)
+  canvas = tuple(int(v) for v in canvas)
+  if height <= canvas[0] and width <= canvas[1]:
+    return
+  want = tuple(-(-max(side, limit) // 32) * 32
+               for side, limit in zip((height, width), canvas))
+  raise errors.ConfigError(
+      f'config.eval.canvas_size={canvas} cannot hold {what} ({height}x{width},'
+      ' HxW): it is larger than the evaluation canvas, and evaluation pads '
+      'every image to the canvas (sliding windows too run over the padded '
+      f'canvas). Set --config.eval.canvas_size="{want}" or more.')

@@ -4,6 +4,8 @@ Expected under SRC (the folder given to prepare):
   VOCdevkit/VOC2012/JPEGImages/<id>.jpg
   VOCdevkit/VOC2012/SegmentationClass/<id>.png   palette PNG, index = class id
   VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val,trainval}.txt
+  VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt  optional (VOC2012 test
+                                                  images, no labels)
   benchmark_RELEASE/dataset/cls/<id>.mat          SBD (optional)
   benchmark_RELEASE/dataset/{train,val}.txt
 (`VOC2012/` directly under SRC, or SRC itself being VOC2012, also works.)
@@ -12,6 +14,9 @@ Splits: train, val, trainval (VOC lists) and, with SBD, train_aug = SBD train
 + SBD val + VOC train, minus VOC val (10,582 images on the real data). For an
 id that has a VOC mask, the VOC mask is used (finer, with the 255 boundary
 band), otherwise the SBD one; images come from VOC JPEGImages, else SBD img/.
+With test.txt (the VOC2012 test tarball, extracted into the same VOCdevkit),
+split test holds those images without labels (all 255), for the benchmark
+server's files (`python -m pan_jax.evaluate --split=test --format=voc_test`).
 
 The synthetic dataset (synthetic.py) is written in this layout and goes
 through `scan` as well.
@@ -28,6 +33,8 @@ CLASS_NAMES = (
     'car', 'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike',
     'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 VOC_SPLITS = ('train', 'val', 'trainval')
+# Built when ImageSets/Segmentation/test.txt exists; its images have no labels.
+TEST_SPLIT = 'test'
 
 
 def color_map(num_classes: int = 256) -> tuple[tuple[int, int, int], ...]:
@@ -130,6 +137,12 @@ def scan(source_dir: str, *, name: str = 'voc2012_aug',
   for split in VOC_SPLITS:
     examples = [voc_example(image_id) for image_id in lists[split]]
     splits[split] = [e for e in examples if e is not None]
+  unlabeled = ()
+  test_list = os.path.join(list_dir, TEST_SPLIT + '.txt')
+  if os.path.isfile(test_list):
+    splits[TEST_SPLIT] = _test_examples(read_id_list(test_list), image_dir,
+                                        skip_bad, bad)
+    unlabeled = (TEST_SPLIT,)
 
   sbd_root = find_sbd_root(source_dir)
   if sbd_root is None:
@@ -145,7 +158,23 @@ def scan(source_dir: str, *, name: str = 'voc2012_aug',
   return builder.DatasetSpec(
       name=name, class_names=tuple(class_names),
       palette=color_map(len(class_names)), mapping=mapping, splits=splits,
-      source_dir=source_dir, notes=notes, bad=bad)
+      source_dir=source_dir, notes=notes, bad=bad, unlabeled_splits=unlabeled)
+
+
+def _test_examples(ids, image_dir, skip_bad, bad):
+  """The listed test images, without labels (label_format 'none')."""
+  examples = []
+  for image_id in ids:
+    image_path = os.path.join(image_dir, image_id + '.jpg')
+    if not os.path.isfile(image_path):
+      problem = (image_path, 'image not found although the test list names '
+                 'it; expected JPEGImages/<id>.jpg')
+      if not skip_bad:
+        raise records.BadInputError(*problem)
+      bad.append(problem)
+      continue
+    examples.append(records.ExampleFiles(image_id, image_path, '', 'none'))
+  return examples
 
 
 def _train_aug(voc_root, sbd_root, lists, skip_bad, bad):

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pan_jax import errors
 from pan_jax.models import baselines
 from pan_jax.models import fpa
 from pan_jax.models import gau
@@ -30,8 +31,8 @@ FPA_GLOBAL = ('add', 'concat', 'none')
 
 def _choice(field: str, value: Any, valid) -> Any:
   if value not in valid:
-    raise ValueError(f'unknown {field}={value!r}; valid: '
-                     f'{", ".join(map(str, valid))}')
+    raise errors.ConfigError(f'unknown {field}={value!r}; valid: '
+                             f'{", ".join(map(str, valid))}')
   return valid[value] if isinstance(valid, dict) else value
 
 
@@ -109,13 +110,14 @@ def create_model(config, num_classes: Optional[int] = None) -> pan.PAN:
   else:
     center = functools.partial(center_cls, features, **common)
   if len(tuple(model.fpa.kernels)) != 3:
-    raise ValueError(f'model.fpa.kernels needs 3 sizes, got {model.fpa.kernels}')
+    raise errors.ConfigError(
+        f'model.fpa.kernels needs 3 sizes, got {model.fpa.kernels}')
 
   decoder = None
   if model.decoder == 'gau':
     if model.gau.low_level_kernel not in (1, 3):
-      raise ValueError('model.gau.low_level_kernel must be 1 or 3, got '
-                       f'{model.gau.low_level_kernel!r}')
+      raise errors.ConfigError('model.gau.low_level_kernel must be 1 or 3, '
+                               f'got {model.gau.low_level_kernel!r}')
     decoder = functools.partial(
         gau.GAU, features, low_level_kernel=model.gau.low_level_kernel,
         global_context=model.gau.global_context,

@@ -1,9 +1,16 @@
-"""Feature Pyramid Attention (paper section 3.2, Fig. 3), the centre block on c5.
+"""Feature Pyramid Attention (paper section 3.1, Fig. 3): the centre on c5.
 
     main   = ConvBN1x1(c5)                                  # [B, h, w, C]
     x1     = ConvBN7(pool(c5));  x2 = ConvBN5(pool(x1));  x3 = ConvBN3(pool(x2))
-    merged = up(lat1(x1) + up(lat2(x2) + up(lat3(x3))))     # U-shaped merge
+    merged = lat1(x1) + up(lat2(x2) + up(lat3(x3)))         # U-shaped merge
     out    = main * up(merged)  (+ global branch)           # pixel attention
+
+`kernels` lists the pyramid's kernels finest level first: (7, 5, 3) is Fig. 3
+(7x7 on the level pooled once from c5); the text's "3x3, 5x5, 7x7 ...
+respectively" read in level order would be (3, 5, 7). The pyramid's width
+(`pyramid_channels`, the paper is silent) is C, 1 (smp: one map broadcast over
+the channels) or any other N, then brought back to C by a 1x1 ConvBN
+('expand') before the multiplication.
 
 Ablations of Table 1 are attributes: pooling avg/max, kernels (7,5,3)/(3,3,3),
 the global pooling branch added / concatenated / absent, and the SENet-style
@@ -34,8 +41,9 @@ class FPA(nn.Module):
     attention: 'pyramid' (the paper) or 'se' (channel attention).
     pooling: 'avg' (the paper) or 'max' (smp) downsampling in the pyramid.
     kernels: conv kernels of the three levels, finest first.
-    pyramid_channels: channels inside the pyramid: 1 (a spatial map broadcast
-      over channels, smp) or `features`.
+    pyramid_channels: channels inside the pyramid: 0 = `features`, 1 (a
+      spatial map broadcast over channels, smp), or any other width (then a
+      1x1 ConvBN 'expand' maps the merged pyramid back to `features`).
     global_branch: 'add', 'concat' or 'none'.
     pooled_bn: BatchNorm on the pooled global vector.
     use_bias: conv biases (smp).
@@ -70,10 +78,10 @@ class FPA(nn.Module):
 
     if self.attention == 'pyramid':
       width = self.pyramid_channels or self.features
-      if width not in (1, self.features):
+      if width < 0:
         raise ValueError(
-            f'model.fpa.pyramid_channels must be 1, 0 or decoder_channels '
-            f'({self.features}) so the attention broadcasts; got {width}')
+            'model.fpa.pyramid_channels must be 0 (= decoder_channels), 1 or '
+            f'a positive width, got {width}')
       k1, k2, k3 = self.kernels
       s1 = layers.down_sizes(sizes, self.ceil_mode)
       s2 = layers.down_sizes(s1, self.ceil_mode)
@@ -88,6 +96,10 @@ class FPA(nn.Module):
           src_sizes=ys, dst_sizes=ls)
       x2 = self._conv(width, k2, 'lateral2')(x2, s2) + up(x3, s3, x2, s2)
       x1 = self._conv(width, k1, 'lateral1')(x1, s1) + up(x2, s2, x1, s1)
+      if width not in (1, self.features):
+        # Back to the main branch's width so the attention multiplies it
+        # channel by channel.
+        x1 = self._conv(self.features, 1, 'expand')(x1, s1)
       attention = up(x1, s1, main, sizes)
     elif self.attention == 'se':
       # Squeeze-and-excitation on c5, reduction 16, as SENet.

@@ -1,4 +1,4 @@
-"""Global Attention Upsample (paper section 3.3, Fig. 4), one decoder stage.
+"""Global Attention Upsample (paper section 3.2, Fig. 4), one decoder stage.
 
     low  = ConvBN3x3(low_level)                         # reduce channels
     gate = act(BN(Conv1x1(global_avg_pool(high))))      # [B, 1, 1, C]

@@ -167,6 +167,11 @@ def pool2x2(x: Array, sizes: Optional[Array], kind: str, ceil: bool) -> Array:
   return mask_invalid(out, down_sizes(sizes, ceil))
 
 
+def _dim(size: Any) -> Any:
+  """An int, or a symbolic dimension as is (jax.export with symbolic H, W)."""
+  return size if jax.export.is_symbolic_dim(size) else int(size)
+
+
 def _interp_weights(src: Array, in_valid: Array, in_size: int) -> Array:
   """Linear-interpolation matrix from clamped source coordinates.
 
@@ -201,8 +206,9 @@ def _matrix(in_size: int, out_size: int, align_corners: bool,
             src_valid: Optional[Array], dst_valid: Optional[Array]) -> Array:
   """[out, in] (static) or [B, out, in] (per-image) interpolation matrix."""
   if src_valid is None:
-    iv = jnp.float32(in_size)
-    src = _source_coords(out_size, iv, jnp.float32(out_size), align_corners)
+    iv = jnp.asarray(in_size, jnp.float32)
+    src = _source_coords(out_size, iv, jnp.asarray(out_size, jnp.float32),
+                         align_corners)
     return _interp_weights(src, iv, in_size)
   iv = src_valid.astype(jnp.float32)[:, None]  # [B, 1]
   ov = dst_valid.astype(jnp.float32)[:, None]
@@ -230,7 +236,7 @@ def resize(x: Array, size: Sequence[int], *, align_corners: bool = False,
   Returns:
     [B, size[0], size[1], C] in x's dtype.
   """
-  out_h, out_w = int(size[0]), int(size[1])
+  out_h, out_w = _dim(size[0]), _dim(size[1])
   in_h, in_w = x.shape[1], x.shape[2]
   if src_sizes is None and (in_h, in_w) == (out_h, out_w):
     return x

@@ -57,7 +57,9 @@ class PAN(nn.Module):
           'images must be [batch, height, width, 3] (NHWC, RGB), got shape '
           f'{tuple(images.shape)}')
     h, w = images.shape[1:3]
-    if min(h, w) < self.min_size:
+    # Not min(h, w): with symbolic sizes (serving export) only each side's
+    # comparison with a constant is decidable.
+    if h < self.min_size or w < self.min_size:
       raise ValueError(
           f'images of {h}x{w} are smaller than this model\'s minimum side of '
           f'{self.min_size} pixels (see models.min_input_size)')

@@ -3,24 +3,21 @@
 Builds a temporary tfds dataset of VOC-sized records (500x375 JPEG images
 with 8-bit label PNGs, rendered by the synthetic generator), then runs the
 training pipeline exactly as training does - decode, random scale 0.5-2,
-flip, 512x512 crop, normalize, batch - with 0, 1 and 2 worker processes and
-nothing consuming the batches. Prints images/s and images per CPU-second
-("per core": the CPU time of this process, its threads and its worker
-processes during the timed window, read from /proc on Linux).
-
-Options (a list of strings, e.g. ['--batches=30']): --images (records in the
-temporary dataset, 64), --batch_size (8), --batches (timed batches, 20),
---warmup (batches before timing, 3), --crop_size (512), --workers (0,1,2).
+flip, crop (512x512 by default), normalize, batch - with each number of
+worker processes asked for (0, 1 and 2 by default) and nothing consuming the
+batches. Prints images/s and images per CPU-second ("per core": the CPU
+time of this process, its threads and its worker processes during the timed
+window, read from /proc on Linux). It runs in the bench's own process: the
+pipeline starts its worker processes itself.
 """
 
-import argparse
 import os
 import shutil
 import tempfile
 import time
+from typing import Dict, List, Sequence
 
 import ml_collections
-import numpy as np
 from PIL import Image
 
 from pan_jax.data import builder
@@ -29,24 +26,6 @@ from pan_jax.data import pipeline
 from pan_jax.data import synthetic
 
 VOC_HEIGHT, VOC_WIDTH = 375, 500
-
-
-def _options(args):
-  parser = argparse.ArgumentParser(prog='python -m pan_jax.bench data')
-  parser.add_argument('--images', type=int, default=64)
-  parser.add_argument('--batch_size', type=int, default=8)
-  parser.add_argument('--batches', type=int, default=20)
-  parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--crop_size', type=int, default=512)
-  parser.add_argument('--workers', default='0,1,2')
-  if args is None or isinstance(args, (list, tuple)):
-    return parser.parse_args(list(args or []))
-  # An already parsed namespace: take what it has, defaults for the rest.
-  defaults = parser.parse_args([])
-  for name in vars(defaults):
-    if getattr(args, name, None) is not None:
-      setattr(defaults, name, getattr(args, name))
-  return defaults
 
 
 def write_voc_sized_dataset(data_dir: str, num_images: int) -> str:
@@ -88,67 +67,80 @@ def _cpu_seconds() -> float:
   return sum(times.get(pid, 0.0) for pid in tree)
 
 
-def measure(data_dir: str, workers: int, options) -> dict:
-  """Times the training pipeline with `workers` worker processes."""
+def measure(data_dir: str, workers: int, *, batch: int, iters: int,
+            warmup: int, size: int) -> Dict[str, float]:
+  """Times the training pipeline with `workers` worker processes.
+
+  Args:
+    data_dir: holds the dataset of `write_voc_sized_dataset`.
+    workers: worker processes (config.data.num_workers).
+    batch: images per batch.
+    iters: timed batches.
+    warmup: batches before timing (at least 1).
+    size: crop side.
+
+  Returns:
+    workers, images_per_s, cpu_cores_busy, images_per_cpu_s.
+  """
   config = ml_collections.ConfigDict({
-      'seed': 0, 'global_batch_size': options.batch_size,
+      'seed': 0, 'global_batch_size': batch,
       'data': {'name': 'folder', 'data_dir': data_dir, 'train_split': 'train',
-               'crop_size': options.crop_size, 'min_scale': 0.5,
+               'crop_size': size, 'min_scale': 0.5,
                'max_scale': 2.0, 'num_workers': workers,
                'prefetch_buffer_size': 2}})
   iterator = pipeline.build_train_iter(config)
   try:
-    for _ in range(options.warmup):
-      batch = next(iterator)
-    assert batch['image'].shape == (options.batch_size, options.crop_size,
-                                    options.crop_size, 3)
+    for _ in range(max(1, warmup)):
+      first = next(iterator)
+    assert first['image'].shape == (batch, size, size, 3)
     cpu_start, start = _cpu_seconds(), time.perf_counter()
-    for _ in range(options.batches):
+    for _ in range(iters):
       next(iterator)
     wall = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu_start
   finally:
     iterator.close()
-  images = options.batches * options.batch_size
+  images = iters * batch
   return {'workers': workers, 'images_per_s': images / wall,
           'cpu_cores_busy': cpu / wall,
           'images_per_cpu_s': images / cpu if cpu > 0 else float('nan')}
 
 
-def run(args=None) -> list[dict]:
+def run(*, images: int, batch: int, iters: int, warmup: int, size: int,
+        workers: Sequence[int]) -> List[Dict[str, float]]:
   """Runs the benchmark, prints a table and returns its rows.
 
   Args:
-    args: None, a list of option strings, or a namespace (module docstring).
+    images: records in the temporary dataset.
+    batch: images per batch.
+    iters: timed batches per worker count.
+    warmup: batches before timing.
+    size: crop side.
+    workers: the worker process counts to measure.
 
   Returns:
-    One dict per worker count: workers, images_per_s, cpu_cores_busy,
-    images_per_cpu_s.
+    One dict per worker count (see `measure`).
   """
-  options = _options(args)
   temp = tempfile.mkdtemp(prefix='pan_jax_bench_data_')
   try:
     start = time.perf_counter()
-    write_voc_sized_dataset(temp, options.images)
-    print(f'built {options.images} records of {VOC_WIDTH}x{VOC_HEIGHT} JPEG '
+    write_voc_sized_dataset(temp, images)
+    print(f'built {images} records of {VOC_WIDTH}x{VOC_HEIGHT} JPEG '
           f'+ PNG label in {time.perf_counter() - start:.1f} s')
     print(f'train pipeline: decode, scale 0.5-2, flip, crop '
-          f'{options.crop_size}, normalize, batch {options.batch_size}; '
-          f'{options.batches} batches timed after {options.warmup}; '
+          f'{size}, normalize, batch {batch}; '
+          f'{iters} batches timed after {warmup}; '
           f'{os.cpu_count()} CPU cores on this machine')
     print(f'{"workers":>8} {"images/s":>10} {"cores busy":>11} '
           f'{"images/s per core":>18}')
     rows = []
-    for workers in (int(w) for w in str(options.workers).split(',')):
-      row = measure(temp, workers, options)
+    for count in workers:
+      row = measure(temp, count, batch=batch, iters=iters, warmup=warmup,
+                    size=size)
       rows.append(row)
-      print(f'{workers:>8} {row["images_per_s"]:>10.1f} '
+      print(f'{count:>8} {row["images_per_s"]:>10.1f} '
             f'{row["cpu_cores_busy"]:>11.2f} {row["images_per_cpu_s"]:>18.1f}')
     return rows
   finally:
     shutil.rmtree(temp, ignore_errors=True)
 
-
-if __name__ == '__main__':
-  import sys  # pylint: disable=g-import-not-at-top
-  run(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""Training workdir: Orbax checkpoints, run metadata, preemption.
+"""The training workdir: Orbax checkpoints of state + data iterator, stops.
 
 Layout of a training workdir (`--workdir=RUN`):
 
@@ -10,6 +10,7 @@ Layout of a training workdir (`--workdir=RUN`):
                                      per process
   RUN/config.json                   the run's ConfigDict (config.to_json())
   RUN/dataset.json                  the dataset's metadata (classes, palette)
+  (files.py writes and reads these two)
 
 One `ocp.CheckpointManager` saves asynchronously every
 `config.checkpoint_every_steps`, at the last step and when the run is
@@ -22,9 +23,9 @@ state is per process and grain refuses it under another process count or
 worker count: then the iterator starts afresh and the user is told.
 """
 
-import dataclasses
 import json
 import os
+import re
 import signal
 import tempfile
 from typing import Any, Optional
@@ -32,14 +33,16 @@ from typing import Any, Optional
 from absl import logging
 import grain
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pan_jax import errors
+from pan_jax import paths
+from pan_jax.checkpoints import files
+from pan_jax.data import sources
+
 CHECKPOINT_DIR = 'checkpoints'
-CONFIG_FILE = 'config.json'
-DATASET_FILE = 'dataset.json'
 
 # Config fields that must equal the saved config's to resume a workdir: they
 # change the network's parameters or the data it learns from. Everything else
@@ -49,7 +52,7 @@ RESUME_INVARIANT_FIELDS = (
     'model', 'data.name', 'data.train_split', 'data.crop_size',
     'data.min_scale', 'data.max_scale')
 # Inside 'model', fields that only matter for a fresh start.
-_IGNORED_ON_RESUME = ('model.init_from',)
+_IGNORED_ON_RESUME = ('model.init_from', 'model.require_init_from')
 
 
 def create_manager(workdir: str, config: ml_collections.ConfigDict
@@ -65,11 +68,12 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
   """
   every = config.checkpoint_every_steps
   if every <= 0:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.checkpoint_every_steps must be positive, got {every}.')
   if config.max_checkpoints_to_keep <= 0:
-    raise ValueError('config.max_checkpoints_to_keep must be positive, got '
-                     f'{config.max_checkpoints_to_keep}.')
+    raise errors.ConfigError(
+        'config.max_checkpoints_to_keep must be positive, got '
+        f'{config.max_checkpoints_to_keep}.')
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policies.AnySavePolicy([
@@ -79,16 +83,11 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict
       enable_async_checkpointing=True,
       create=True)
   return ocp.CheckpointManager(
-      os.path.join(_absolute(workdir), CHECKPOINT_DIR),
+      os.path.join(paths.absolute(workdir), CHECKPOINT_DIR),
       item_names=('state', 'data_iter'),
       item_handlers={'state': _state_handler(),
                      'data_iter': grain.checkpoint.CheckpointHandler()},
       options=options)
-
-
-def _absolute(path: str) -> str:
-  """`path` made absolute, as Orbax requires; URLs (gs://...) are kept."""
-  return path if '://' in path else os.path.abspath(path)
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -128,12 +127,119 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any,
   Returns:
     Whether a save was started.
   """
-  return manager.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.PyTreeSave(state),
-          data_iter=grain.checkpoint.CheckpointSave(data_iter)),
-      force=force)
+  try:
+    return manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeSave(state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter)),
+        force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, step, e) from e
+
+
+def check_saved(manager: ocp.CheckpointManager, step: Optional[int],
+                block: bool = True) -> bool:
+  """Raises StorageError if the asynchronous save of `step` failed.
+
+  Orbax writes in background threads and raises a failure only when it is
+  next waited for; the training loop calls this every step (block=False) so
+  that a run whose checkpoint could not be written stops right away instead
+  of training on, and at the end (block=True). With several processes the
+  non-blocking check does nothing: every process must stop at the same step,
+  and they all wait at the next save.
+
+  Args:
+    manager: from `create_manager`.
+    step: the step of the last save started (None: none was).
+    block: wait for a save in progress; else return while one is.
+
+  Returns:
+    True if the save is complete (or step is None), False if it is still
+    being written (block=False only).
+
+  Raises:
+    StorageError: the save failed for a reason of the file system (full
+      disk, no permission, ...); the message names the path, the cause and
+      the last complete checkpoint, which the failed save left as it was.
+    Exception: any other failure, as Orbax raised it (a bug).
+  """
+  if step is None:
+    return True
+  if not block and (jax.process_count() > 1 or
+                    manager.is_saving_in_progress()):
+    return False
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, step, e) from e
+  return True
+
+
+def close_manager(manager: ocp.CheckpointManager,
+                  raise_errors: bool = True) -> None:
+  """Waits for the save in progress, then closes `manager`.
+
+  Orbax raises a failed save again when closing: it is turned into one
+  StorageError as in `check_saved`.
+
+  Args:
+    manager: from `create_manager`.
+    raise_errors: raise a failure; False when another error is already on
+      its way to the user (a failed save is then its cause, or secondary to
+      it, and is not reported twice; anything else is logged).
+  """
+  failure = None
+  for finish in (manager.wait_until_finished, manager.close):
+    try:
+      finish()
+    except Exception as e:  # pylint: disable=broad-except
+      failure = failure or (e, _save_failed(manager, None, e))
+  if failure is None:
+    return
+  cause, error = failure
+  if raise_errors:
+    raise error from cause
+  if not isinstance(error, errors.StorageError):
+    logging.warning('Closing the checkpoints also failed: %r', cause)
+
+
+# "... [os_error_code='28']" in the errors tensorstore raises for local files.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_FAILED_PATH = re.compile(r'(?:Failed writing|Error writing local file|'
+                          r'Error opening|local file) "([^"]+)"')
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: Optional[int],
+                 error: Exception) -> Exception:
+  """The error to raise for a failed save: StorageError, or `error` itself.
+
+  A file-system failure (an OSError, or a tensorstore error carrying an OS
+  error code) becomes one StorageError naming the path and the cause; any
+  other exception is returned unchanged, to keep its traceback.
+  """
+  text = str(error)
+  code = _OS_ERROR_CODE.search(text)
+  if isinstance(error, OSError) and error.errno:
+    cause = f'{error.strerror or os.strerror(error.errno)}'
+    where = error.filename or ''
+  elif code:
+    cause = os.strerror(int(code.group(1)))
+    found = _FAILED_PATH.search(text)
+    where = found.group(1) if found else ''
+  else:
+    return error
+  directory = str(manager.directory)
+  complete = [s for s in manager.all_steps() if s != step]
+  last = (f'the last complete checkpoint, step {max(complete)}, is as it was'
+          if complete else 'there is no complete checkpoint yet')
+  writing = f' (writing {where})' if where else ''
+  which = f'the checkpoint of step {step}' if step is not None else (
+      'a checkpoint')
+  return errors.StorageError(
+      f'saving {which} in {directory} failed: {cause}{writing}. The run '
+      f'stopped; {last}. Free space or fix the directory, then rerun the '
+      'same command to resume.')
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int,
@@ -207,7 +313,7 @@ def restore_variables(workdir: str, step: Optional[int] = None
   Raises:
     FileNotFoundError: no checkpoint (at `step`) in the workdir.
   """
-  directory = os.path.join(_absolute(workdir), CHECKPOINT_DIR)
+  directory = os.path.join(paths.absolute(workdir), CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(
       directory, item_names=('state', 'data_iter'),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(),
@@ -216,11 +322,11 @@ def restore_variables(workdir: str, step: Optional[int] = None
   try:
     steps = manager.all_steps()
     if not steps:
-      raise FileNotFoundError(f'No checkpoint in {directory}.')
+      raise errors.MissingError(f'No checkpoint in {directory}.')
     if step is None:
       step = max(steps)
     elif step not in steps:
-      raise FileNotFoundError(
+      raise errors.MissingError(
           f'No checkpoint for step {step} in {directory}; saved steps: '
           f'{sorted(steps)}.')
     metadata = manager.item_metadata(step)['state']
@@ -237,80 +343,83 @@ def restore_variables(workdir: str, step: Optional[int] = None
   return dict(restored['state']), step
 
 
-def write_json(path: str, value: Any) -> None:
-  """Writes `value` as JSON to `path` atomically (temp file, then rename).
+def is_workdir(path: str) -> bool:
+  """True if `path` is a training workdir (config.json and checkpoints/)."""
+  return (paths.isfile(os.path.join(path, files.CONFIG_FILE)) and
+          paths.isdir(os.path.join(path, CHECKPOINT_DIR)))
 
-  Only process 0 writes; other processes return at once.
+
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written in it.
+
+  Fails before anything is compiled, naming the directory: a file where the
+  directory should be, a parent that cannot be created, no permission, a
+  read-only file system, a full disk. (A gs:// workdir is not probed.)
+
+  Args:
+    workdir: the training workdir (--workdir).
+
+  Raises:
+    StorageError: `workdir` is not a directory that can be written.
   """
-  if jax.process_index() != 0:
+  if paths.is_url(workdir):
     return
-  directory = os.path.dirname(path) or '.'
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
-def meta_to_json(meta: Any) -> dict[str, Any]:
-  """A dataset metadata object (dataclass, NamedTuple or dict) as JSON."""
-  if dataclasses.is_dataclass(meta):
-    value = dataclasses.asdict(meta)
-  elif hasattr(meta, '_asdict'):
-    value = meta._asdict()
-  else:
-    value = dict(meta)
-  return json.loads(json.dumps(value))  # Tuples become lists, as on reload.
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.StorageError(
+        f'--workdir={workdir} is a file; expected a directory (new or a '
+        'training workdir to resume)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir) as probe:
+      probe.write(b'0')
+      probe.flush()
+  except OSError as e:
+    raise errors.StorageError(
+        f'--workdir={workdir} cannot be written: {e.strerror or e}'
+        f'{f" ({e.filename})" if e.filename else ""}') from e
 
 
 def save_run_info(workdir: str, config: ml_collections.ConfigDict,
                   meta: Any) -> None:
-  """Writes WORKDIR/config.json and WORKDIR/dataset.json (process 0)."""
-  write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()))
-  write_json(os.path.join(workdir, DATASET_FILE), meta_to_json(meta))
+  """Writes WORKDIR/config.json and WORKDIR/dataset.json (process 0 only)."""
+  if jax.process_index() == 0:
+    files.write_config_and_meta(workdir, config, meta)
 
 
-def _flatten(value: Any, prefix: str = '') -> dict[str, Any]:
-  """{'a': {'b': 1}} -> {'a.b': 1}; lists stay leaves."""
-  if not isinstance(value, dict):
-    return {prefix: value}
-  flat = {}
-  for key, item in value.items():
-    flat.update(_flatten(item, f'{prefix}.{key}' if prefix else key))
-  return flat
-
-
-def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_compatible(workdir: str, config: ml_collections.ConfigDict,
+                     meta: Any = None) -> None:
   """Refuses to resume a workdir whose checkpoints came from another model.
 
   Compares `config` with WORKDIR/config.json on RESUME_INVARIANT_FIELDS and
-  logs every other difference. Does nothing for a workdir without
-  checkpoints.
+  logs every other difference; compares the dataset's classes with
+  WORKDIR/dataset.json (a classifier for 3 classes cannot resume on 5, and a
+  model trained on other class names would silently learn a new meaning).
+  Does nothing for a workdir without checkpoints.
 
   Args:
     workdir: the training workdir.
     config: this run's configuration.
+    meta: this run's DatasetMeta (None: classes are not compared).
 
   Raises:
-    ValueError: checkpoints exist and an invariant field differs, or
-      config.json is missing or unreadable.
+    MismatchError: checkpoints exist and an invariant field or the classes
+      differ.
+    ConfigError: config.json (or dataset.json) is missing or unreadable.
   """
   checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-  has_checkpoints = os.path.isdir(checkpoints) and any(
-      name.isdigit() for name in os.listdir(checkpoints))
+  has_checkpoints = paths.isdir(checkpoints) and any(
+      name.isdigit() for name in paths.listdir(checkpoints))
   if not has_checkpoints:
     return
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = os.path.join(workdir, files.CONFIG_FILE)
   try:
-    with open(path) as f:
-      saved = _flatten(json.load(f))
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(
+    saved = files.flatten(files.read_json(path))
+  except (OSError, ValueError) as e:
+    raise errors.ConfigError(
         f'{checkpoints} holds checkpoints but {path} cannot be read ({e}), so '
         'they cannot be checked against this config. Use a new --workdir, or '
         'restore config.json.') from e
-  current = _flatten(json.loads(config.to_json()))
+  current = files.flatten(json.loads(config.to_json()))
   keys = sorted(set(saved) | set(current))
   differing = [k for k in keys if saved.get(k) != current.get(k)]
   invariant = [
@@ -321,10 +430,21 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     lines = '\n'.join(
         f'  {k}: saved {saved.get(k, "<absent>")!r}, now '
         f'{current.get(k, "<absent>")!r}' for k in invariant)
-    raise ValueError(
+    raise errors.MismatchError(
         f'{workdir} holds checkpoints of a run with another model or '
         f'training data, so it cannot be resumed with this config:\n{lines}\n'
         'Use a new --workdir (or the saved values) instead.')
+  if meta is not None:
+    try:
+      saved_meta = files.read_meta(workdir)
+    except (OSError, ValueError, KeyError) as e:
+      raise errors.ConfigError(
+          f'{checkpoints} holds checkpoints but '
+          f'{os.path.join(workdir, files.DATASET_FILE)} cannot be read ({e}), '
+          'so their classes cannot be checked against the dataset. Use a new '
+          '--workdir.') from e
+    sources.check_classes(saved_meta, meta, f'workdir {workdir}',
+                          f'dataset {meta.name} in {config.data.data_dir}')
   for k in differing:
     logging.warning('Resuming %s with %s changed: %r -> %r.', workdir, k,
                     saved.get(k, '<absent>'), current.get(k, '<absent>'))
@@ -333,18 +453,22 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
 class StopRequest:
   """Turns SIGTERM/SIGINT into a request to checkpoint and stop cleanly.
 
-  With one process, handlers for SIGTERM and SIGINT set a flag. With several,
-  SIGTERM is left to JAX's preemption notifier (which Orbax's
-  `reached_preemption` reads: every process agrees on the step), SIGINT sets
-  a local flag, and the flags are OR-ed over processes at every step so all
-  of them stop at the same step.
+  With one process, handlers for SIGTERM and SIGINT set a flag that the loop
+  reads after every step. With several, every process must stop after the
+  same step, agreed without a blocking round trip per step: SIGTERM is left
+  to JAX's preemption notifier, which tells the coordinator; the processes
+  agree in the background on a step just ahead of all of them, and Orbax's
+  `reached_preemption(step)`, a local check, says when it is reached. A
+  SIGINT (Ctrl-C) is passed on as a SIGTERM of this process, so it takes the
+  same path. A second SIGINT stops at once, without a checkpoint.
   """
 
   def __init__(self):
     self.signal_name: Optional[str] = None
     self._previous = {}
+    self._several = jax.process_count() > 1
     signals = [signal.SIGINT]
-    if jax.process_count() == 1:
+    if not self._several:
       signals.append(signal.SIGTERM)
     for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
@@ -357,19 +481,20 @@ class StopRequest:
     self.signal_name = signal.Signals(signum).name
     logging.warning('%s received: saving a checkpoint after this step, then '
                     'stopping.', self.signal_name)
+    if self._several:
+      # To JAX's preemption notifier, which agrees the step with the others.
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def should_stop(self, step: int, manager: ocp.CheckpointManager) -> bool:
-    """Whether to save and stop after `step` (same answer on all processes)."""
-    requested = self.signal_name is not None
-    if jax.process_count() > 1:
-      flags = multihost_utils.process_allgather(np.int32(requested))
-      requested = bool(np.any(flags))
-      if requested and self.signal_name is None:
-        self.signal_name = 'a signal on another process'
+    """Whether to save and stop after `step` (same answer on all processes).
+
+    Call it after every step on every process: with several processes the
+    agreed step is only seen by a process that asks at that step.
+    """
     if manager.reached_preemption(step):
-      self.signal_name = self.signal_name or 'preemption notice'
-      requested = True
-    return requested
+      self.signal_name = self.signal_name or 'a SIGTERM (preemption notice)'
+      return True
+    return not self._several and self.signal_name is not None
 
   def close(self) -> None:
     """Puts back the handlers that were there before."""

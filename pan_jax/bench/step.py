@@ -1,10 +1,11 @@
 """One train-step or inference measurement of a configured network.
 
-Called by `python -m pan_jax.bench train|infer` in a fresh subprocess per
-measurement. It times what users run: `train.train_step` (forward, pixel
-cross-entropy ignoring 255, backward, SGD with momentum and weight decay,
-BatchNorm statistics update; state donated) and the jitted eval-mode forward,
-on random data of the requested size, blocking on every iteration.
+Run by `python -m pan_jax.bench train|infer` in a fresh subprocess per
+measurement (harness.py). It times what users run: `train.train_step`
+(forward, pixel cross-entropy ignoring 255, backward, SGD with momentum and
+weight decay, BatchNorm statistics update; state donated) and the jitted
+eval-mode forward, on random data of the requested size, blocking on every
+iteration.
 """
 
 import functools
@@ -12,18 +13,16 @@ import resource
 import statistics
 import time
 
+from typing import Any, Dict
+
 import jax
-from ml_collections.config_flags import config_flags
+import ml_collections
 
 from pan_jax import models
 from pan_jax import optim
 from pan_jax import train
 
-
-def load_config(spec: str):
-  """Loads `path[:arg]` the way `--config=path[:arg]` does."""
-  parser = config_flags._ConfigFileParser(name='config')  # pylint: disable=protected-access
-  return parser.parse(spec)
+MODES = ('train', 'infer')
 
 
 def _flops(compiled) -> float:
@@ -53,17 +52,39 @@ def _memory_mib(compiled) -> dict:
   return {f'xla_{name}_mib': value / 2**20 for name, value in sizes.items()}
 
 
-def run(args, mode: str, batch: int) -> dict:
-  """Measures `mode` ('train' or 'infer') and returns a JSON-able record."""
-  config = load_config(args.config)
-  config.compute_dtype = args.dtype
-  config.data.crop_size = args.size
+def measure(config: ml_collections.ConfigDict, mode: str, *,
+            config_name: str, batch: int, size: int, classes: int,
+            dtype: str, warmup: int, iters: int) -> Dict[str, Any]:
+  """Measures one mode of a network in this process.
+
+  Args:
+    config: the network's config (not modified).
+    mode: 'train' (train_step) or 'infer' (eval-mode forward).
+    config_name: the config's `path[:arg]`, for the record.
+    batch: images per step.
+    size: image side (square images, and config.data.crop_size).
+    classes: number of classes.
+    dtype: compute dtype, 'float32' or 'bfloat16'.
+    warmup: untimed steps after the compiling one.
+    iters: timed steps.
+
+  Returns:
+    A JSON-able record: mode, config, batch, size, classes, dtype, backend,
+    devices, device_kind, times_s, median_s, min_s, images_per_s, compile_s,
+    gflop_per_step, achieved_tflops, peak_rss_mib, xla_{argument,output,
+    temp}_mib (where the backend reports them), jax.
+  """
+  if mode not in MODES:
+    raise ValueError(f'mode {mode!r}: expected one of {MODES}')
+  config = config.copy_and_resolve_references()
+  config.compute_dtype = dtype
+  config.data.crop_size = size
   config.global_batch_size = batch
-  model = models.create_model(config, args.classes)
+  model = models.create_model(config, classes)
   rng = jax.random.key(0)
-  images = jax.random.normal(jax.random.key(1), (batch, args.size, args.size, 3))
-  labels = jax.random.randint(jax.random.key(2), (batch, args.size, args.size),
-                              0, args.classes)
+  images = jax.random.normal(jax.random.key(1), (batch, size, size, 3))
+  labels = jax.random.randint(jax.random.key(2), (batch, size, size),
+                              0, classes)
   tx = optim.create_optimizer(config)
   state = jax.jit(functools.partial(train.create_train_state, config=config,
                                     model=model, tx=tx))(rng)
@@ -88,18 +109,18 @@ def run(args, mode: str, batch: int) -> dict:
       jax.block_until_ready(compiled(variables, images))
   compile_s = time.perf_counter() - start
 
-  for _ in range(args.warmup):
+  for _ in range(warmup):
     step()
   times = []
-  for _ in range(args.iters):
+  for _ in range(iters):
     t0 = time.perf_counter()
     step()
     times.append(time.perf_counter() - t0)
   median = statistics.median(times)
   flops = _flops(compiled)
   return {
-      'mode': mode, 'config': args.config, 'batch': batch, 'size': args.size,
-      'classes': args.classes, 'dtype': args.dtype,
+      'mode': mode, 'config': config_name, 'batch': batch, 'size': size,
+      'classes': classes, 'dtype': dtype,
       'backend': jax.default_backend(), 'devices': jax.device_count(),
       'device_kind': jax.devices()[0].device_kind,
       'times_s': [round(t, 4) for t in times], 'median_s': median,
