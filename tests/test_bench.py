@@ -84,3 +84,42 @@ def test_loop_record_fields(tmp_path):
               'final_loss'):
     assert record[key] > 0, key
   assert 'configs/smoke.py' in stdout
+
+
+def test_gpu_suite_smoke(tmp_path):
+  # The accelerator suite on the CPU with tiny shapes: every row measured
+  # (smp's too where torch is installed), one table, one JSON record. No
+  # MFU here: the CPU has no entry in the peak table.
+  has_torch = all(importlib.util.find_spec(m) for m in
+                  ('torch', 'segmentation_models_pytorch'))
+  records, stdout = _bench(tmp_path, 'gpu', '--batch=2', '--infer_batches=1',
+                           '--warmup=0', '--iters=1', '--nosmp_compile',
+                           f'--smp={has_torch}')
+  assert len(records) == 1 and records[0]['mode'] == 'gpu'
+  rows = records[0]['rows']
+  want = [('pan_jax', 'train', 'bfloat16', 2), ('pan_jax', 'infer',
+                                                'bfloat16', 1),
+          ('pan_jax', 'train', 'float32', 2)]
+  if has_torch:
+    want += [('smp', 'train', 'bfloat16', 2), ('smp', 'infer', 'bfloat16', 1)]
+  assert [(r['side'], r['mode'], r['dtype'], r['batch']) for r in rows] == want
+  for row in rows:
+    assert 'skipped' not in row, row
+    assert row['images_per_s'] > 0 and row['mfu'] is None
+    assert row['device_kind'] == 'cpu'
+  # smp's rows reuse pan_jax's FLOP count of the same shapes.
+  assert rows[0]['gflop_per_step'] == rows[-2 if has_torch else 0][
+      'gflop_per_step'] > 0
+  assert 'img/s' in stdout and 'MFU' in stdout
+
+
+def test_gpu_suite_budget_and_peaks():
+  from pan_jax.bench import gpu  # pylint: disable=g-import-not-at-top
+  assert gpu.peak_tflops('NVIDIA H100 PCIe', 'bfloat16') == 756.
+  assert gpu.peak_tflops('NVIDIA H100 80GB HBM3', 'float32') == 494.
+  assert gpu.peak_tflops('cpu', 'bfloat16') is None
+  rows = gpu.plan(8, [1, 8], smp=True, smp_compile=True)
+  assert len(rows) == 8 and rows[-1]['compile']
+  # Nothing starts once the budget is spent; the rows say why.
+  results = gpu.run(rows, lambda row: 1 / 0, budget_s=0)
+  assert all(r['skipped'].startswith('budget') for r in results)

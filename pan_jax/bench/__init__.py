@@ -19,7 +19,13 @@ Modes, and what each measures:
   --config=<--loop_config>` for `--steps` steps in a temporary workdir
   (pipeline, sharded step, metrics, checkpoints): steps/s and images/s from
   its metrics.jsonl, and the start-up overhead.
-* all: every mode above, in that order.
+* gpu (gpu.py): the accelerator suite for one GPU, within --budget_s (8
+  minutes): pan_jax's train step in bfloat16 and float32 (images/s, MFU
+  against the chip's peak, peak device memory), inference at batch 1 and 8,
+  and smp.PAN with PyTorch AMP + channels_last (and torch.compile) on the
+  same shapes (torch_peer.py); one table and one JSON record. On a CPU,
+  with tiny flags, it is the suite's smoke test.
+* all: every mode above but gpu, in that order.
 
 Every train, infer and eval measurement, and the training run of loop, runs
 in a fresh subprocess (harness.py), so compile caches, allocator state and

@@ -1,4 +1,4 @@
-"""The bench command: python -m pan_jax.bench train|infer|data|eval|loop|all.
+"""The bench command: python -m pan_jax.bench train|infer|data|eval|loop|gpu|all.
 
 What each mode measures: pan_jax/bench/__init__.py. Examples:
 
@@ -8,6 +8,7 @@ What each mode measures: pan_jax/bench/__init__.py. Examples:
   python -m pan_jax.bench data --workers=0,2
   python -m pan_jax.bench eval --settings=single --eval_config=configs/voc.py
   python -m pan_jax.bench loop --loop_config=configs/demo.py --steps=60
+  python -m pan_jax.bench gpu --json=gpu.jsonl   # one GPU, ~8 minutes
   python -m pan_jax.bench all --json=bench.jsonl
 
 `--batch`, `--warmup` and `--iters` have a default per mode; `--config.x=y`
@@ -30,18 +31,22 @@ from ml_collections import config_flags
 from pan_jax import runtime
 from pan_jax.bench import data as data_bench
 from pan_jax.bench import eval as eval_bench
+from pan_jax.bench import gpu
 from pan_jax.bench import harness
 from pan_jax.bench import loop
 from pan_jax.bench import step
+from pan_jax.bench import torch_peer
 
 FLAGS = flags.FLAGS
 MODES = ('train', 'infer', 'data', 'eval', 'loop')
+# `all` runs MODES; the accelerator suite runs only when asked for.
+SUITES = ('gpu',)
 # The defaults of --batch, --warmup and --iters, per mode. An eval batch of 0
 # is one image per device.
 MODE_DEFAULTS = {
-    'batch': {'train': 2, 'infer': 1, 'data': 8, 'eval': 0},
-    'warmup': {'train': 2, 'infer': 2, 'data': 3, 'eval': 1},
-    'iters': {'train': 5, 'infer': 5, 'data': 20, 'eval': 3},
+    'batch': {'train': 2, 'infer': 1, 'data': 8, 'eval': 0, 'gpu': 8},
+    'warmup': {'train': 2, 'infer': 2, 'data': 3, 'eval': 1, 'gpu': 3},
+    'iters': {'train': 5, 'infer': 5, 'data': 20, 'eval': 3, 'gpu': 10},
 }
 
 
@@ -100,6 +105,14 @@ def _define_flags() -> None:
   flags.DEFINE_integer('steps', 30, 'loop: training steps.')
   flags.DEFINE_integer('log_every', 10,
                        'loop: steps per logged (timed) interval.')
+  flags.DEFINE_list('infer_batches', ['1', '8'],
+                    'gpu: the inference batches (--batch is the train one).')
+  flags.DEFINE_boolean('smp', True, 'gpu: also measure smp.PAN with PyTorch '
+                       '(AMP bfloat16 + channels_last, same shapes).')
+  flags.DEFINE_boolean('smp_compile', True, "gpu: also smp.PAN's train "
+                       'step under torch.compile (the last row).')
+  flags.DEFINE_float('budget_s', 480., 'gpu: wall-clock budget; rows left '
+                     'when it is spent are reported as skipped.')
   flags.DEFINE_boolean(
       'cpu_tuning', True, 'Measure with runtime.cpu_env() (XLA CPU flags, '
       "glibc huge pages); false: XLA's CPU defaults.")
@@ -107,12 +120,16 @@ def _define_flags() -> None:
   flags.DEFINE_boolean('one', False, 'Internal: measure train, infer or one '
                        'eval setting in this process (what every measurement '
                        'subprocess runs).')
+  flags.DEFINE_boolean('torch', False, 'Internal, with --one: measure '
+                       'smp.PAN with PyTorch (bench/torch_peer.py), as the '
+                       'gpu suite does.')
   flags.register_multi_flags_validator(
       ['peer', 'peer_dir'], _check_peer,
       message=f'--peer needs --peer_dir=DIR, the folder with the PyTorch '
       f"peer's {harness.PEER_SCRIPT} (e.g. --peer_dir=../shared/peer)")
   for name, kind, check in (
       ('workers', 'integers >= 0', lambda v: v.isdigit()),
+      ('infer_batches', 'integers > 0', lambda v: v.isdigit() and int(v)),
       ('image_size', 'two integers > 0', lambda v: v.isdigit() and int(v)),
       ('scales', 'numbers > 0', _positive_number),
       ('settings', f'names out of {",".join(eval_bench.SETTINGS)}',
@@ -233,6 +250,35 @@ def _loop(env: Dict[str, str]) -> List[dict]:
   return [dict(mode='loop', **row)] if row else []
 
 
+def _gpu(env: Dict[str, str]) -> List[dict]:
+  """The accelerator suite: every row in a fresh subprocess, one table."""
+  warmup, iters = _per_mode('warmup', 'gpu'), _per_mode('iters', 'gpu')
+  config_args = _config_args('config', 'config')
+  # PyTorch's process keeps JAX off the GPU: its memory is PyTorch's alone.
+  torch_env = dict(env, JAX_PLATFORMS='cpu')
+
+  def measure(row):
+    args = [f'--batch={row["batch"]}', f'--warmup={warmup}',
+            f'--iters={iters}', f'--dtype={row["dtype"]}',
+            *_flag_args(['size', 'classes'])]
+    if row['side'] == 'pan_jax':
+      return harness.run_child(
+          harness.bench_command(row['mode'], config_args + args), env)
+    return harness.run_child(
+        [FLAGS.peer_python, '-m', 'pan_jax.bench', row['mode'], '--one',
+         '--torch', *config_args, *args,
+         f'--smp_compile={row["compile"]}'], torch_env)
+
+  rows = gpu.plan(_per_mode('batch', 'gpu'),
+                  [int(b) for b in FLAGS.infer_batches], FLAGS.smp,
+                  FLAGS.smp_compile)
+  results = gpu.run(rows, measure, budget_s=FLAGS.budget_s)
+  summary = {'mode': 'gpu', 'size': FLAGS.size, 'rows': results,
+             'config': config_flags.get_config_filename(FLAGS['config'])}
+  print(json.dumps(summary), flush=True)
+  return [summary]
+
+
 def _measure_here(mode: str) -> dict:
   """`--one`: one train / infer / eval measurement in this process."""
   if mode in step.MODES:
@@ -242,6 +288,13 @@ def _measure_here(mode: str) -> dict:
         batch=_per_mode('batch', mode), size=FLAGS.size,
         classes=FLAGS.classes, dtype=FLAGS.dtype,
         warmup=_per_mode('warmup', mode), iters=_per_mode('iters', mode))
+  if FLAGS.torch and mode in step.MODES:
+    return torch_peer.measure(
+        mode, encoder=FLAGS.config.model.backbone,
+        batch=_per_mode('batch', mode), size=FLAGS.size,
+        classes=FLAGS.classes, warmup=_per_mode('warmup', mode),
+        iters=_per_mode('iters', mode), amp=FLAGS.dtype == 'bfloat16',
+        compile_model=FLAGS.smp_compile)
   if mode == 'eval' and len(FLAGS.settings) == 1:
     return eval_bench.measure(
         FLAGS.eval_config, FLAGS.settings[0],
@@ -263,8 +316,9 @@ def _append_json(path: str, records: Sequence[dict]) -> None:
 
 def main(argv: Sequence[str]) -> None:
   """Runs the benchmark of the mode in argv (all modes for 'all')."""
-  if len(argv) != 2 or argv[1] not in MODES + ('all',):
-    raise app.UsageError(f'give one mode out of {"|".join(MODES)}|all '
+  if len(argv) != 2 or argv[1] not in MODES + SUITES + ('all',):
+    raise app.UsageError(f'give one mode out of '
+                         f'{"|".join(MODES + SUITES)}|all '
                          f'(got {" ".join(argv[1:]) or "none"})')
   mode = argv[1]
   if FLAGS.one:
@@ -282,6 +336,8 @@ def main(argv: Sequence[str]) -> None:
       records += _data()
     elif each == 'eval':
       records += _eval(env)
+    elif each == 'gpu':
+      records += _gpu(env)
     else:
       records += _loop(env)
   if FLAGS.json:

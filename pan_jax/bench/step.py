@@ -52,6 +52,17 @@ def _memory_mib(compiled) -> dict:
   return {f'xla_{name}_mib': value / 2**20 for name, value in sizes.items()}
 
 
+def _device_memory_mib() -> dict:
+  """The device's peak memory in use (GPU/TPU), {} where not reported (CPU)."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return {}
+  return {'peak_device_mib': stats['peak_bytes_in_use'] / 2**20}
+
+
 def measure(config: ml_collections.ConfigDict, mode: str, *,
             config_name: str, batch: int, size: int, classes: int,
             dtype: str, warmup: int, iters: int) -> Dict[str, Any]:
@@ -72,7 +83,8 @@ def measure(config: ml_collections.ConfigDict, mode: str, *,
     A JSON-able record: mode, config, batch, size, classes, dtype, backend,
     devices, device_kind, times_s, median_s, min_s, images_per_s, compile_s,
     gflop_per_step, achieved_tflops, peak_rss_mib, xla_{argument,output,
-    temp}_mib (where the backend reports them), jax.
+    temp}_mib (where the backend reports them), peak_device_mib (the
+    accelerator's peak bytes in use, where reported), jax.
   """
   if mode not in MODES:
     raise ValueError(f'mode {mode!r}: expected one of {MODES}')
@@ -128,6 +140,6 @@ def measure(config: ml_collections.ConfigDict, mode: str, *,
       'compile_s': compile_s, 'gflop_per_step': flops / 1e9,
       'achieved_tflops': flops / median / 1e12,
       'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      **_memory_mib(compiled),
+      **_memory_mib(compiled), **_device_memory_mib(),
       'jax': jax.__version__,
   }
