@@ -60,10 +60,14 @@ def test_peer_side_by_side(tmp_path):
     if importlib.util.find_spec(module) is None:
       pytest.skip(f'{module} not installed')
   records, stdout = _bench(tmp_path, 'infer', '--peer',
-                           f'--peer_dir={PEER_DIR}')
-  assert [r['side'] for r in records] == ['pan_jax', 'smp']
+                           f'--peer_dir={PEER_DIR}',
+                           '--peer_layouts=nchw,channels_last')
+  assert [r['side'] for r in records] == ['pan_jax', 'smp',
+                                          'smp_channels_last']
+  assert [r.get('channels_last') for r in records[1:]] == [False, True]
   assert all(r['median_s'] > 0 for r in records)
   assert 'median time ratio pan_jax/smp over 1 rounds' in stdout
+  assert 'median time ratio pan_jax/smp_channels_last over 1 rounds' in stdout
 
 
 def test_peer_needs_peer_dir():
@@ -81,8 +85,10 @@ def test_loop_record_fields(tmp_path):
   assert (record['mode'], record['config'], record['steps']) == (
       'loop', 'configs/smoke.py', 4)
   for key in ('steps_per_s', 'images_per_s', 'wall_s', 'overhead_s',
-              'final_loss'):
+              'final_loss', 'bare_images_per_s'):
     assert record[key] > 0, key
+  assert record['loop_over_bare'] == pytest.approx(
+      record['images_per_s'] / record['bare_images_per_s'])
   assert 'configs/smoke.py' in stdout
 
 

@@ -86,6 +86,9 @@ def _define_flags() -> None:
       '--peer_dir.')
   flags.DEFINE_string('peer_dir', None, f'With --peer: the folder of the '
                       f"peer's {harness.PEER_SCRIPT}, e.g. ../shared/peer.")
+  flags.DEFINE_list('peer_layouts', ['nchw'], "With --peer: the peer's "
+                    'memory formats, each measured every round: nchw, '
+                    'channels_last.')
   flags.DEFINE_string('peer_python', sys.executable, 'With --peer: a Python '
                       'with torch and segmentation_models_pytorch.')
   flags.DEFINE_integer('threads', os.cpu_count() or 1,
@@ -103,6 +106,8 @@ def _define_flags() -> None:
   flags.DEFINE_list('scales', [str(s) for s in eval_bench.MULTI_SCALES],
                     'eval: the scales of the multi setting.')
   flags.DEFINE_integer('steps', 30, 'loop: training steps.')
+  flags.DEFINE_boolean('bare_step', True, 'loop: also time the bare train '
+                       "step at the loop's shapes (loop_over_bare).")
   flags.DEFINE_integer('log_every', 10,
                        'loop: steps per logged (timed) interval.')
   flags.DEFINE_list('infer_batches', ['1', '8'],
@@ -130,6 +135,8 @@ def _define_flags() -> None:
   for name, kind, check in (
       ('workers', 'integers >= 0', lambda v: v.isdigit()),
       ('infer_batches', 'integers > 0', lambda v: v.isdigit() and int(v)),
+      ('peer_layouts', 'names out of nchw,channels_last',
+       lambda v: v in ('nchw', 'channels_last')),
       ('image_size', 'two integers > 0', lambda v: v.isdigit() and int(v)),
       ('scales', 'numbers > 0', _positive_number),
       ('settings', f'names out of {",".join(eval_bench.SETTINGS)}',
@@ -200,17 +207,20 @@ def _train_or_infer(mode: str, env: Dict[str, str]) -> List[dict]:
                 _flag_args(['size', 'classes', 'dtype']) +
                 [f'--batch={batch}', f'--warmup={warmup}', f'--iters={iters}'])
   command = harness.bench_command(mode, child_args)
-  peer = None
+  peers = {}
   if FLAGS.peer:
     peer_dir = os.path.abspath(FLAGS.peer_dir)  # The peer runs in it.
-    peer_command = harness.peer_command(
-        peer_dir, FLAGS.peer_python, mode,
-        encoder=FLAGS.config.model.backbone, batch=batch, size=FLAGS.size,
-        classes=FLAGS.classes, warmup=warmup, iters=iters,
-        threads=FLAGS.threads)
-    peer = functools.partial(harness.run_child, peer_command, env, peer_dir)
+    for layout in FLAGS.peer_layouts:
+      peer_command = harness.peer_command(
+          peer_dir, FLAGS.peer_python, mode,
+          encoder=FLAGS.config.model.backbone, batch=batch, size=FLAGS.size,
+          classes=FLAGS.classes, warmup=warmup, iters=iters,
+          threads=FLAGS.threads, channels_last=layout == 'channels_last')
+      side = 'smp' if layout == 'nchw' else f'smp_{layout}'
+      peers[side] = functools.partial(harness.run_child, peer_command, env,
+                                      peer_dir)
   return harness.side_by_side(
-      mode, functools.partial(harness.run_child, command, env), peer,
+      mode, functools.partial(harness.run_child, command, env), peers,
       FLAGS.rounds)
 
 
@@ -243,10 +253,20 @@ def _eval(env: Dict[str, str]) -> List[dict]:
 
 def _loop(env: Dict[str, str]) -> List[dict]:
   """The training-loop benchmark (pan_jax.main in a subprocess)."""
+  config_args = _config_args('loop_config', 'config')
+  bare_step = None
+  if FLAGS.bare_step and not loop.missing_dataset(FLAGS.loop_config):
+    batch, size, classes = loop.step_shapes(FLAGS.loop_config)
+    bare_step = functools.partial(harness.run_child, harness.bench_command(
+        'train', config_args + [
+            f'--batch={batch}', f'--size={size}', f'--classes={classes}',
+            f'--warmup={_per_mode("warmup", "train")}',
+            f'--iters={_per_mode("iters", "train")}']), env)
   row = loop.run(
-      FLAGS.loop_config, _config_args('loop_config', 'config'),
+      FLAGS.loop_config, config_args,
       config_name=config_flags.get_config_filename(FLAGS['loop_config']),
-      steps=FLAGS.steps, log_every=FLAGS.log_every, env=env)
+      steps=FLAGS.steps, log_every=FLAGS.log_every, env=env,
+      bare_step=bare_step)
   return [dict(mode='loop', **row)] if row else []
 
 

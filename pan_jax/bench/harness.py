@@ -60,7 +60,7 @@ def bench_command(mode: str, flag_args: Sequence[str]) -> List[str]:
 
 def peer_command(peer_dir: str, python: str, mode: str, *, encoder: str,
                  batch: int, size: int, classes: int, warmup: int, iters: int,
-                 threads: int) -> List[str]:
+                 threads: int, channels_last: bool = False) -> List[str]:
   """The command that measures `mode` once with the PyTorch peer.
 
   Args:
@@ -70,6 +70,8 @@ def peer_command(peer_dir: str, python: str, mode: str, *, encoder: str,
     encoder: smp's encoder name (config.model.backbone, e.g. 'resnet101').
     batch, size, classes, warmup, iters: as for pan_jax's measurement.
     threads: PyTorch threads.
+    channels_last: the peer's model and images in channels_last memory
+      format (NHWC, PyTorch's fastest CPU layout) instead of NCHW.
 
   Returns:
     The argument list for `run_child` (to run in peer_dir).
@@ -77,7 +79,8 @@ def peer_command(peer_dir: str, python: str, mode: str, *, encoder: str,
   return [python, os.path.join(peer_dir, PEER_SCRIPT), mode,
           '--encoder', encoder, '--batch', str(batch), '--size', str(size),
           '--classes', str(classes), '--warmup', str(warmup),
-          '--iters', str(iters), '--threads', str(threads)]
+          '--iters', str(iters), '--threads', str(threads),
+          *(['--channels-last'] if channels_last else [])]
 
 
 def run_child(command: Sequence[str], env: Dict[str, str],
@@ -107,35 +110,36 @@ def run_child(command: Sequence[str], env: Dict[str, str],
 
 
 def side_by_side(mode: str, ours: Callable[[], Record],
-                 peer: Optional[Callable[[], Record]],
+                 peers: Dict[str, Callable[[], Record]],
                  rounds: int) -> List[Record]:
-  """Measures pan_jax, alternating with the peer, and prints every round.
+  """Measures pan_jax, alternating with the peers, and prints every round.
 
   Args:
     mode: the mode's name, for the printed lines.
     ours: measures pan_jax once (a subprocess).
-    peer: measures the peer once, or None for pan_jax alone (one round).
-    rounds: rounds with a peer.
+    peers: {side name ('smp', 'smp_channels_last'): measures that peer
+      once}; empty for pan_jax alone (one round).
+    rounds: rounds with peers.
 
   Returns:
-    The records in the order measured, each with `side` ('pan_jax' or
-    'smp') and `round` added.
+    The records in the order measured, each with `side` ('pan_jax' or the
+    peer's name) and `round` added.
   """
-  records, ratios = [], []
-  for r in range(rounds if peer else 1):
+  records, ratios = [], {side: [] for side in peers}
+  for r in range(rounds if peers else 1):
     mine = dict(ours(), side='pan_jax', round=r)
     records.append(mine)
     print(f'[{mode}] pan_jax round {r}: {_describe(mine)}', flush=True)
-    if peer:
-      theirs = dict(peer(), side='smp', round=r)
+    for side, peer in peers.items():
+      theirs = dict(peer(), side=side, round=r)
       records.append(theirs)
       ratio = _seconds(mine) / _seconds(theirs)
-      ratios.append(ratio)
-      print(f'[{mode}] smp     round {r}: {_describe(theirs)}  '
-            f'ratio pan_jax/smp time = {ratio:.2f}', flush=True)
-  if ratios:
-    print(f'[{mode}] median time ratio pan_jax/smp over {len(ratios)} '
-          f'rounds: {statistics.median(ratios):.2f} (< 1 = pan_jax faster)')
+      ratios[side].append(ratio)
+      print(f'[{mode}] {side} round {r}: {_describe(theirs)}  '
+            f'ratio pan_jax/{side} time = {ratio:.2f}', flush=True)
+  for side, values in ratios.items():
+    print(f'[{mode}] median time ratio pan_jax/{side} over {len(values)} '
+          f'rounds: {statistics.median(values):.2f} (< 1 = pan_jax faster)')
   return records
 
 

@@ -5,8 +5,10 @@ process and a temporary workdir, and reads the steps/s it wrote to
 metrics.jsonl: data pipeline, sharded train step, metrics and asynchronous
 checkpoints included, compilation excluded (training times its rate from the
 first finished step). Start-up and the rest (imports, tracing, compilation,
-restore, the final save and validation) is reported as the overhead.
-`python -m pan_jax.bench train` covers the bare train step.
+restore, the final save and validation) is reported as the overhead. The
+bare train step of the same network at the same shapes (`bench train`, in
+its own process) is measured next to it: loop_over_bare is the loop's
+images/s over the bare step's (1.0 = the loop costs nothing on top).
 
 A config that reads a prepared dataset (configs/demo.py: the synthetic set,
 `python -m pan_jax.data.prepare --dataset=synthetic ...`) is skipped with a
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -45,6 +47,12 @@ def missing_dataset(config: ml_collections.ConfigDict) -> Optional[str]:
   except FileNotFoundError as e:
     return str(e)
   return None
+
+
+def step_shapes(config: ml_collections.ConfigDict) -> Tuple[int, int, int]:
+  """(batch, crop side, classes) of a training config, for its bare step."""
+  return (config.global_batch_size, config.data.crop_size,
+          sources.get_meta(config.data).num_classes)
 
 
 def measure(config_args: Sequence[str], *, steps: int, log_every: int,
@@ -101,8 +109,9 @@ def measure(config_args: Sequence[str], *, steps: int, log_every: int,
 
 
 def run(config: ml_collections.ConfigDict, config_args: Sequence[str], *,
-        config_name: str, steps: int, log_every: int,
-        env: Dict[str, str]) -> Optional[Dict[str, Any]]:
+        config_name: str, steps: int, log_every: int, env: Dict[str, str],
+        bare_step: Optional[Callable[[], Dict[str, Any]]] = None
+        ) -> Optional[Dict[str, Any]]:
   """Measures the training loop of one config and prints its row.
 
   Args:
@@ -112,13 +121,16 @@ def run(config: ml_collections.ConfigDict, config_args: Sequence[str], *,
     steps: training steps.
     log_every: steps per logged interval.
     env: the training process's environment.
+    bare_step: measures the bare train step at the loop's shapes (a
+      `bench train` record), or None to skip it.
 
   Returns:
-    config and the fields of `measure`, or None when the config was skipped
-    because its dataset is not prepared.
+    config and the fields of `measure`, with bare_images_per_s and
+    loop_over_bare when bare_step is given; None when the config was
+    skipped because its dataset is not prepared.
   """
   print(f'{"config":<24} {"steps/s":>8} {"images/s":>9} {"wall s":>7} '
-        f'{"overhead s":>10}')
+        f'{"overhead s":>10} {"bare images/s":>13} {"loop/bare":>9}')
   missing = missing_dataset(config)
   if missing:
     print(f'{config_name:<24} skipped: {missing}')
@@ -126,7 +138,13 @@ def run(config: ml_collections.ConfigDict, config_args: Sequence[str], *,
   row = dict(config=config_name,
              **measure(config_args, steps=steps, log_every=log_every,
                        env=env))
+  bare = ''
+  if bare_step:
+    row['bare_images_per_s'] = bare_step()['images_per_s']
+    row['loop_over_bare'] = row['images_per_s'] / row['bare_images_per_s']
+    bare = (f' {row["bare_images_per_s"]:>13.1f} '
+            f'{row["loop_over_bare"]:>9.2f}')
   print(f'{config_name:<24} {row["steps_per_s"]:>8.2f} '
         f'{row["images_per_s"]:>9.1f} {row["wall_s"]:>7.1f} '
-        f'{row["overhead_s"]:>10.1f}', flush=True)
+        f'{row["overhead_s"]:>10.1f}{bare}', flush=True)
   return row
