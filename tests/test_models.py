@@ -375,3 +375,38 @@ def test_fpa_kernel_order_is_finest_level_first():
 def test_fpa_negative_width_is_an_error():
   with pytest.raises(ValueError, match='pyramid_channels'):
     init_shapes(tiny_config(**{'fpa.pyramid_channels': -2}), 3, size=64)
+
+
+def test_recomputed_stages_give_the_same_step():
+  # Outputs, gradients and BatchNorm statistics of a train-mode step are
+  # those of the network that keeps its activations.
+  images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  labels = jax.random.randint(jax.random.key(1), (2, 64, 64), 0, 3)
+
+  def step(config):
+    model = models.create_model(config, 3)
+    variables = model.init(jax.random.key(2), images)
+
+    def loss(params):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']},
+          images, train=True, mutable=['batch_stats'])
+      one_hot = jax.nn.one_hot(labels, 3)
+      return -jnp.mean(jax.nn.log_softmax(logits) * one_hot), (logits,
+                                                               updates)
+    grad = jax.value_and_grad(loss, has_aux=True)
+    jaxpr = str(jax.make_jaxpr(grad)(variables['params']))
+    return jaxpr.count('custom_vjp_call'), jax.jit(grad)(variables['params'])
+
+  calls, want = step(tiny_config())
+  # 2 + 2 + 2 blocks of the smoke config's ResNet-18.
+  recomputed, got = step(tiny_config(recompute_stages=(1, 3, 4)))
+  assert recomputed >= calls + 6
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_stages_names_the_bad_stage():
+  with pytest.raises(ValueError, match=r'model.recompute_stages=\(5,\)'):
+    models.create_model(tiny_config(recompute_stages=(5,)), 3)

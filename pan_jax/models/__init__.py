@@ -5,7 +5,7 @@ unknown value raises an error that lists the valid ones.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -34,6 +34,15 @@ def _choice(field: str, value: Any, valid) -> Any:
     raise errors.ConfigError(f'unknown {field}={value!r}; valid: '
                              f'{", ".join(map(str, valid))}')
   return valid[value] if isinstance(valid, dict) else value
+
+
+def _recompute_stages(stages) -> Tuple[int, ...]:
+  """model.recompute_stages as a tuple of ResNet stage numbers (1-4)."""
+  stages = tuple(stages)
+  if any(s not in (1, 2, 3, 4) for s in stages):
+    raise errors.ConfigError(f'model.recompute_stages={stages!r}: expected '
+                             'ResNet stage numbers out of 1, 2, 3, 4')
+  return stages
 
 
 def min_input_size(config) -> int:
@@ -83,7 +92,8 @@ def create_model(config, num_classes: Optional[int] = None) -> pan.PAN:
       base_width=model.base_width, avg_down=model.avg_down,
       output_stride=model.output_stride,
       contract_dilation=model.contract_dilation,
-      multi_grid=tuple(model.multi_grid), **common)
+      multi_grid=tuple(model.multi_grid),
+      recompute_stages=_recompute_stages(model.recompute_stages), **common)
   features = model.decoder_channels
   if model.center == 'fpa':
     center = functools.partial(

@@ -161,6 +161,8 @@ class ResNet(nn.Module):
     output_stride: key of OUTPUT_STRIDES.
     contract_dilation: first dilated block at half the rate.
     multi_grid: res5 rate multipliers; all ones = plain dilation.
+    recompute_stages: stages (1-4) whose blocks keep only their input for the
+      backward pass and run their forward again when it reaches them.
     norm: BatchNorm partial; conv: nn.Conv partial (dtype set).
   """
   stage_sizes: Sequence[int]
@@ -173,6 +175,7 @@ class ResNet(nn.Module):
   output_stride: int = 16
   contract_dilation: bool = True
   multi_grid: Tuple[int, ...] = (1, 1, 1)
+  recompute_stages: Tuple[int, ...] = ()
 
   @nn.compact
   def __call__(self, x: Array, sizes: Optional[Array] = None
@@ -224,18 +227,69 @@ class ResNet(nn.Module):
         first_rates[0] = dilations[i] // 2
       for j in range(num_blocks):
         stride = strides[i] if j == 0 else 1
-        x = self.block(
+        block = self.block(
             planes=planes, stride=stride, dilation=rates[j],
             first_dilation=first_rates[j],
             downsample=(j == 0 and (stride != 1 or
                                     in_width != planes * self.block.expansion)),
             avg_down=self.avg_down, conv=self.conv, norm=self.norm,
-            name=f'layer{i + 1}_{j}')(x, sizes)
+            name=f'layer{i + 1}_{j}')
+        # Padded canvases (sizes) are evaluation only: nothing to recompute.
+        if i + 1 in self.recompute_stages and sizes is None:
+          x = _recomputed_in_backward(block, x)
+        else:
+          x = block(x, sizes)
         if stride == 2:
           sizes = layers.down_sizes(sizes)
         in_width = planes * self.block.expansion
       features[f'c{i + 2}'] = x
     return features
+
+
+def _recomputed_in_backward(block: nn.Module, x: Array) -> Array:
+  """`block(x)`, keeping only x and recomputing the block in the backward pass.
+
+  Unlike nn.remat, whose recomputation XLA CPU schedules during the forward
+  pass (keeping the activations after all), the recomputation here depends on
+  the block's output cotangent, so it can only run once the backward pass has
+  reached the block: of the stage only the block inputs are live at the peak.
+  Gradients and BatchNorm statistics are those of `block(x)`.
+
+  Args:
+    block: a bound-to-be BasicBlock or Bottleneck (its name set).
+    x: [B, H, W, C] input.
+
+  Returns:
+    The block's output.
+  """
+  unbound = block.clone(parent=None, name=None)
+
+  def forward(module, x):
+    return module(x, None)
+
+  def forward_keeping_input(module, x):
+    variables = module.variables
+    return module(x, None), (variables['params'],
+                             variables.get('batch_stats', {}), x)
+
+  def backward(residuals, g):
+    params, stats, x = residuals
+    # A data dependency on the cotangent (adding an exact 0 unless g holds
+    # infinities or NaNs, which poison the gradient anyway): it keeps XLA
+    # from hoisting the recomputation into the forward pass.
+    x = x + jnp.zeros((), x.dtype) * g.reshape(-1)[0].astype(x.dtype)
+
+    def apply(params, x):
+      y, _ = unbound.apply({'params': params, 'batch_stats': stats}, x, None,
+                           mutable=['batch_stats'])
+      return y
+
+    _, vjp = jax.vjp(apply, params, x)
+    d_params, d_x = vjp(g)
+    return {'params': d_params}, d_x
+
+  return nn.custom_vjp(forward, forward_fn=forward_keeping_input,
+                       backward_fn=backward)(block, x)
 
 
 def create_resnet(arch: str, *, norm: ModuleDef, dtype: Any,
