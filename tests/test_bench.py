@@ -129,3 +129,17 @@ def test_gpu_suite_budget_and_peaks():
   # Nothing starts once the budget is spent; the rows say why.
   results = gpu.run(rows, lambda row: 1 / 0, budget_s=0)
   assert all(r['skipped'].startswith('budget') for r in results)
+
+
+def test_memory_ranks_the_peak(tmp_path):
+  records, stdout = _bench(tmp_path, 'memory', '--batch=2')
+  record = records[0]
+  assert record['mode'] == 'memory' and record['batch'] == 2
+  # The live set at the peak: the temp buffers and the (donated) state.
+  assert record['xla_temp_mib'] < record['peak_live_mib'] <= (
+      record['xla_temp_mib'] + record['xla_argument_mib'] + 1)
+  assert sum(record['by_kind'].values()) == pytest.approx(
+      record['peak_live_mib'])
+  assert record['by_kind']['convolution output'] > 0
+  assert any(part.startswith('backbone layer') for part in record['by_part'])
+  assert '-- largest values' in stdout

@@ -19,13 +19,18 @@ Modes, and what each measures:
   --config=<--loop_config>` for `--steps` steps in a temporary workdir
   (pipeline, sharded step, metrics, checkpoints): steps/s and images/s from
   its metrics.jsonl, and the start-up overhead.
+* memory (buffers.py): the train step of `--config` compiled once with an
+  XLA dump; the values live at the peak of XLA's buffer plan, summed by kind
+  (convolution output, layout copy, arguments, ...) and by part of the
+  network (backbone stage, centre, decoder, loss), and the largest ones with
+  their HLO op and layer.
 * gpu (gpu.py): the accelerator suite for one GPU, within --budget_s (8
   minutes): pan_jax's train step in bfloat16 and float32 (images/s, MFU
   against the chip's peak, peak device memory), inference at batch 1 and 8,
   and smp.PAN with PyTorch AMP + channels_last (and torch.compile) on the
   same shapes (torch_peer.py); one table and one JSON record. On a CPU,
   with tiny flags, it is the suite's smoke test.
-* all: every mode above but gpu, in that order.
+* all: every mode above but memory and gpu, in that order.
 
 Every train, infer and eval measurement, and the training run of loop, runs
 in a fresh subprocess (harness.py), so compile caches, allocator state and

@@ -1,4 +1,4 @@
-"""The bench command: python -m pan_jax.bench train|infer|data|eval|loop|gpu|all.
+"""The bench command: python -m pan_jax.bench MODE (train, infer, ..., all).
 
 What each mode measures: pan_jax/bench/__init__.py. Examples:
 
@@ -8,6 +8,7 @@ What each mode measures: pan_jax/bench/__init__.py. Examples:
   python -m pan_jax.bench data --workers=0,2
   python -m pan_jax.bench eval --settings=single --eval_config=configs/voc.py
   python -m pan_jax.bench loop --loop_config=configs/demo.py --steps=60
+  python -m pan_jax.bench memory                 # the train step's peak, ranked
   python -m pan_jax.bench gpu --json=gpu.jsonl   # one GPU, ~8 minutes
   python -m pan_jax.bench all --json=bench.jsonl
 
@@ -20,7 +21,9 @@ import functools
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from typing import Dict, List, Sequence
 
@@ -29,6 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from pan_jax import runtime
+from pan_jax.bench import buffers
 from pan_jax.bench import data as data_bench
 from pan_jax.bench import eval as eval_bench
 from pan_jax.bench import gpu
@@ -39,8 +43,8 @@ from pan_jax.bench import torch_peer
 
 FLAGS = flags.FLAGS
 MODES = ('train', 'infer', 'data', 'eval', 'loop')
-# `all` runs MODES; the accelerator suite runs only when asked for.
-SUITES = ('gpu',)
+# `all` runs MODES; these run only when asked for.
+SUITES = ('memory', 'gpu')
 # The defaults of --batch, --warmup and --iters, per mode. An eval batch of 0
 # is one image per device.
 MODE_DEFAULTS = {
@@ -118,6 +122,9 @@ def _define_flags() -> None:
                        'step under torch.compile (the last row).')
   flags.DEFINE_float('budget_s', 480., 'gpu: wall-clock budget; rows left '
                      'when it is spent are reported as skipped.')
+  flags.DEFINE_string('dump_dir', None, 'memory: keep the XLA dump here '
+                      '(default: a temporary folder, removed).')
+  flags.DEFINE_integer('top', 12, 'memory: rows per ranking.')
   flags.DEFINE_boolean(
       'cpu_tuning', True, 'Measure with runtime.cpu_env() (XLA CPU flags, '
       "glibc huge pages); false: XLA's CPU defaults.")
@@ -299,6 +306,37 @@ def _gpu(env: Dict[str, str]) -> List[dict]:
   return [summary]
 
 
+def _memory(env: Dict[str, str]) -> List[dict]:
+  """The train step's buffers live at XLA's peak, ranked (buffers.py)."""
+  dump_dir = FLAGS.dump_dir or tempfile.mkdtemp(prefix='pan_jax_xla_dump_')
+  try:
+    dump_env = dict(env, XLA_FLAGS=(
+        f'{env.get("XLA_FLAGS", "")} --xla_dump_to={dump_dir} '
+        '--xla_dump_hlo_module_re=jit_train_step').strip())
+    record = harness.run_child(harness.bench_command(
+        'train', _config_args('config', 'config') +
+        _flag_args(['size', 'classes', 'dtype']) +
+        [f'--batch={_per_mode("batch", "train")}', '--warmup=0',
+         '--iters=1']), dump_env)
+    live = buffers.peak_buffers(dump_dir)
+  finally:
+    if not FLAGS.dump_dir:
+      shutil.rmtree(dump_dir, ignore_errors=True)
+  print(buffers.report(live, FLAGS.top), flush=True)
+  mib = 2**20
+  summary = {'mode': 'memory', 'config': record['config'],
+             'batch': record['batch'], 'size': record['size'],
+             'xla_temp_mib': record.get('xla_temp_mib'),
+             'xla_argument_mib': record.get('xla_argument_mib'),
+             'peak_live_mib': sum(b.size for b in live) / mib}
+  for name, key in (('by_kind', buffers.kind), ('by_part', buffers.part)):
+    totals = {}
+    for b in live:
+      totals[key(b)] = totals.get(key(b), 0) + b.size / mib
+    summary[name] = dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+  return [summary]
+
+
 def _measure_here(mode: str) -> dict:
   """`--one`: one train / infer / eval measurement in this process."""
   if mode in step.MODES:
@@ -358,6 +396,8 @@ def main(argv: Sequence[str]) -> None:
       records += _eval(env)
     elif each == 'gpu':
       records += _gpu(env)
+    elif each == 'memory':
+      records += _memory(env)
     else:
       records += _loop(env)
   if FLAGS.json:

@@ -40,7 +40,8 @@ def measure(mode: str, *, encoder: str, batch: int, size: int, classes: int,
     peak_rss_mib.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  import segmentation_models_pytorch as smp  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  import segmentation_models_pytorch as smp
 
   cuda = torch.cuda.is_available()
   device = torch.device('cuda' if cuda else 'cpu')
