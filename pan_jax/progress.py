@@ -51,7 +51,7 @@ class Bar:
 
   def __init__(self, description: str, total: Optional[int] = None,
                unit: str = 'items', *, show: Optional[bool] = None,
-               stream: Optional[IO[str]] = None):
+               enabled: bool = True, stream: Optional[IO[str]] = None):
     """Starts a bar (writes nothing yet).
 
     Args:
@@ -60,6 +60,7 @@ class Bar:
       unit: plural name of the unit.
       show: True redraws the bar, False writes only the summary line;
         default: PAN_JAX_PROGRESS, else whether the stream is a terminal.
+      enabled: False writes nothing at all (a library call, a test).
       stream: where to write (sys.stderr).
     """
     self._description = description
@@ -67,7 +68,8 @@ class Bar:
     self._unit = unit
     self._stream = stream if stream is not None else sys.stderr
     setting = os.environ.get('PAN_JAX_PROGRESS', '')
-    self._enabled = setting != '0' and jax.process_index() == 0
+    self._enabled = (enabled and setting != '0' and
+                     jax.process_index() == 0)
     if show is None:
       show = setting == '1' or _is_tty(self._stream)
     self._show = show
