@@ -289,14 +289,23 @@ def evaluate_dataset(model: Any, variables: Any, config: Any, meta: Any,
     undefined, see metrics.py), 'confusion_matrix': int64 [K, K],
     'num_images': int}.
   """
-  result, _ = _evaluate_split(model, variables, config, meta, mesh, split,
-                              options, progress, num_samples=0)
+  result, _ = evaluate_split(model, variables, config, meta, mesh, split,
+                             options=options, progress=progress)
   return result
 
 
-def _evaluate_split(model, variables, config, meta, mesh, split, options,
-                    progress, num_samples, on_batch=None, show=None):
-  """evaluate_dataset, also returning overlay samples."""
+def evaluate_split(model: Any, variables: Any, config: Any, meta: Any,
+                   mesh: jax.sharding.Mesh, split: Optional[str] = None, *,
+                   options: Optional[inference.InferenceOptions] = None,
+                   progress: bool = False, num_samples: int = 0,
+                   on_batch: Optional[Callable[..., None]] = None,
+                   show: Optional[Callable[..., None]] = None
+                   ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+  """evaluate_dataset, also returning samples (evaluate_batches' arguments).
+
+  Returns:
+    (result, samples) as evaluate_batches'.
+  """
   if options is None:
     options = inference.InferenceOptions.from_config(
         config.eval, min_size=models.min_input_size(config))
@@ -684,11 +693,12 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
     logging.info('Evaluating %s (step %s) on %s/%s: %s, %d device(s)',
                  checkpoint, step, config.data.name, split, options,
                  mesh.devices.size)
-    result, samples = _evaluate_split(model, variables, config, meta, mesh,
-                                      split, options, progress=progress,
-                                      num_samples=num_overlays,
-                                      on_batch=_each(writer, raw),
-                                      show=shower)
+    result, samples = evaluate_split(model, variables, config, meta, mesh,
+                                     split, options=options,
+                                     progress=progress,
+                                     num_samples=num_overlays,
+                                     on_batch=_each(writer, raw),
+                                     show=shower)
     extra = {'checkpoint': paths.absolute(checkpoint), 'step': step,
              'dataset': config.data.name, 'split': split,
              'mode': options.mode, 'scales': list(options.scales),

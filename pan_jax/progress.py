@@ -16,8 +16,9 @@ clean, and one summary line is written at the end:
     evaluate: 100/100 images in 8.1s (12.3 images/s)
 
 PAN_JAX_PROGRESS=0 turns both off. Only process 0 of a multi-host run
-writes (the others' progress is the same). The clock starts at the first
-update: the first step includes compilation, so rates exclude it.
+writes (the others' progress is the same). Rates and ETAs are measured from
+the first update on (the first step includes compilation, which would skew
+them); the summary's time is the whole, from the bar's creation.
 """
 
 import os
@@ -51,7 +52,8 @@ class Bar:
 
   def __init__(self, description: str, total: Optional[int] = None,
                unit: str = 'items', *, show: Optional[bool] = None,
-               enabled: bool = True, stream: Optional[IO[str]] = None):
+               enabled: bool = True, rate: bool = True,
+               stream: Optional[IO[str]] = None):
     """Starts a bar (writes nothing yet).
 
     Args:
@@ -61,6 +63,7 @@ class Bar:
       show: True redraws the bar, False writes only the summary line;
         default: PAN_JAX_PROGRESS, else whether the stream is a terminal.
       enabled: False writes nothing at all (a library call, a test).
+      rate: show units/s and the ETA (False for a few uneven stages).
       stream: where to write (sys.stderr).
     """
     self._description = description
@@ -73,9 +76,11 @@ class Bar:
     if show is None:
       show = setting == '1' or _is_tty(self._stream)
     self._show = show
+    self._with_rate = rate
     self.count = 0
+    self._created = time.monotonic()
     self._start = None  # Time of the first update.
-    self._counted_from = 0  # Units done before the clock started.
+    self._counted_from = 0  # Units done by then (not in the rate).
     self._drawn = 0.0
     self._width = 0
     self._closed = False
@@ -83,9 +88,9 @@ class Bar:
   def update(self, n: int = 1) -> None:
     """Adds `n` units done."""
     now = time.monotonic()
+    self.count += n
     if self._start is None:
       self._start, self._counted_from = now, self.count
-    self.count += n
     if self._enabled and self._show and (
         now - self._drawn >= _REDRAW or self.count == self._total):
       self._drawn = now
@@ -109,7 +114,7 @@ class Bar:
     self.close()
 
   def _rate(self, now: float) -> Optional[float]:
-    if self._start is None or now <= self._start:
+    if not self._with_rate or self._start is None or now <= self._start:
       return None
     done = self.count - self._counted_from
     return done / (now - self._start) if done > 0 else None
@@ -119,7 +124,7 @@ class Bar:
     counted = (f'{self.count}/{self._total}' if self._total is not None
                else str(self.count))
     if final:
-      elapsed = 0.0 if self._start is None else now - self._start
+      elapsed = now - self._created
       line = f'{self._description}: {counted} {self._unit} in ' \
              f'{format_duration(elapsed)}'
       if rate is not None:
