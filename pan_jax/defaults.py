@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1_000
   # Newest checkpoints kept in WORKDIR/checkpoints.
   config.max_checkpoints_to_keep = 3
-  # (first, last) steps whose jax.profiler trace goes to WORKDIR/profile; () = none.
+  # (first, last): steps traced by jax.profiler into WORKDIR/profile; () none.
   config.profile_steps = ()
   # Compute dtype of every layer: 'float32' or 'bfloat16'. Parameters, batch
   # statistics and logits stay float32. bfloat16 is the choice on TPUs and on

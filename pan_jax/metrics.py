@@ -3,10 +3,11 @@
 The confusion matrix is the one sufficient statistic of every score reported
 here (mIoU, pixel accuracy, mean class accuracy, mDice, mFscore, per-class
 values), and it adds up: summing the matrices of disjoint sets of pixels
-gives the matrix of their union. So evaluation accumulates one `[K, K]` integer matrix on device, batch
-after batch. Under `jax.jit` over a mesh the batch is one global array, so the
-sum over devices and processes is part of the compiled program (XLA inserts
-the all-reduce); nothing here knows how many devices there are.
+gives the matrix of their union. So evaluation accumulates one `[K, K]`
+integer matrix on device, batch after batch. Under `jax.jit` over a mesh the
+batch is one global array, so the sum over devices and processes is part of
+the compiled program (XLA inserts the all-reduce); nothing here knows how
+many devices there are.
 
 Rows are ground-truth classes, columns predicted classes:
 `confusion[t, p]` = number of counted pixels of class `t` predicted as `p`.

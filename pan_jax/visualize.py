@@ -170,7 +170,8 @@ def comparison(image: np.ndarray, label: Optional[np.ndarray],
   """image | ground truth | prediction, captioned, with a legend.
 
   The legend names the classes present in the ground truth or the
-  prediction (and 'ignore' where the ground truth has ignored pixels).
+  prediction (and 'ignore' where the ground truth has ignored pixels);
+  background, left as the photo, gets an empty swatch.
 
   Args:
     image: uint8 RGB [H, W, 3].
@@ -197,7 +198,9 @@ def comparison(image: np.ndarray, label: Optional[np.ndarray],
   panes.append(overlay(image, prediction, palette, ignore_label=ignore_label,
                        transparent=transparent))
   captions.append('prediction')
-  legend = [(class_names[k], tuple(palette[k]))
+  # Background is left as the photo: its swatch is an empty (white) box.
+  legend = [(class_names[k],
+             (255, 255, 255) if k in transparent else tuple(palette[k]))
             for k in present_classes(masks, len(class_names))]
   if label is not None and np.any(np.asarray(label) == ignore_label):
     legend.append(('ignore', IGNORE_COLOR))

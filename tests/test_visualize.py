@@ -55,9 +55,20 @@ def test_comparison_has_three_panes_captions_and_a_legend(tmp_path):
   legend = out[top + h:].reshape(-1, 3)
   assert len(legend) > 0
   colors = {tuple(c) for c in legend}
-  for color in (PALETTE[0], PALETTE[1], PALETTE[2], visualize.IGNORE_COLOR):
+  for color in (PALETTE[1], PALETTE[2], visualize.IGNORE_COLOR):
     assert tuple(color) in colors
   assert PALETTE[3] not in colors
+  # Background's swatch is an empty outlined box (it is not coloured in the
+  # panes), not a black square (as a class named otherwise gets).
+  def squares(picture, color):
+    area = (picture[top + h:] == color).all(axis=-1)
+    windows = np.lib.stride_tricks.sliding_window_view(area, (8, 8))
+    return windows.all(axis=(-1, -2)).sum()
+  assert squares(out, PALETTE[0]) == 0 and squares(out, PALETTE[1]) > 0
+  assert (out[top + h:] == 96).all(axis=-1).any()  # The box's outline.
+  other = visualize.comparison(image, label, prediction, ('x',) + NAMES[1:],
+                               PALETTE)
+  assert squares(other, PALETTE[0]) > 0
   # Without labels: two panes.
   two = visualize.comparison(image, None, prediction, NAMES, PALETTE)
   assert two.shape[1] == 2 * w + 4
