@@ -379,6 +379,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
       image = read_image(path)
     except ValueError as e:
       problems.append(str(e))
+      bar.update()  # Done with, though not segmented (listed at the end).
       continue
     classes = predictor(image)
     visualize.save_png(os.path.join(output, f'{stem}.png'), classes)

@@ -256,15 +256,15 @@ class _MetricWriter:
   """
 
   def __init__(self, workdir: str, start_step: int):
-    # Imported here: only process 0 writes events, and commands that do not
-    # train need not load it.
-    import tensorboardX  # pylint: disable=g-import-not-at-top
     self._enabled = jax.process_index() == 0
     self._workdir = workdir
     self._tensorboard = None
     self._local = None  # The local directory of a gs:// workdir.
     if not self._enabled:
       return
+    # Imported here: only process 0 writes events, and importing pan_jax.train
+    # (evaluate, export, tests) need not load it.
+    import tensorboardX  # pylint: disable=g-import-not-at-top
     if paths.is_url(workdir):
       self._local = tempfile.mkdtemp(prefix='pan_jax_metrics_')
     directory = self._local or workdir
