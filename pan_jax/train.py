@@ -39,6 +39,7 @@ from pan_jax import losses
 from pan_jax import models
 from pan_jax import optim
 from pan_jax import paths
+from pan_jax import progress as progress_lib
 from pan_jax import sharding
 from pan_jax import visualize
 from pan_jax.checkpoints import pretrained
@@ -355,13 +356,6 @@ def _to_json(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [_to_json(v) for v in value]
   return value
-
-
-def _format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  hours, rest = divmod(seconds, 3600)
-  return (f'{hours}h{rest // 60:02d}m' if hours
-          else f'{rest // 60}m{rest % 60:02d}s')
 
 
 def _check_finite(pending: list[tuple[int, dict[str, Any]]],
@@ -682,7 +676,7 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
         last_metrics['steps_per_sec'] = rate
         last_metrics['images_per_sec'] = rate * config.global_batch_size
         progress += (f' | {last_metrics["images_per_sec"]:.1f} img/s'
-                     f' | ETA {_format_duration((total - step) / rate)}')
+                     f' | ETA {progress_lib.format_duration((total - step) / rate)}')
       writer.write(step, last_metrics)
       logging.info('%s', progress)
       timer_step, timer_start = step, time.time()
@@ -723,6 +717,6 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       break
   workdir_lib.check_saved(manager, saving)
   logging.info('Trained steps %d to %d in %s.', start_step, step,
-               _format_duration(time.time() - run_start))
+               progress_lib.format_duration(time.time() - run_start))
   return {'step': step, 'stopped_by': stopped_by,
           'last_metrics': last_metrics, 'eval': eval_result}

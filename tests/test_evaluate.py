@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import smoke
 import eval_standins
@@ -185,6 +186,7 @@ def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
   assert len(list((output / 'overlays').iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_table5_protocols_in_one_call(tmp_path):
   """--protocols=table5: single scale, multi-scale, multi-scale + flip."""
   workdir = eval_standins.smoke_workdir()[0]
