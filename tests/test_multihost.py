@@ -402,14 +402,13 @@ def test_kill_9_of_one_process_stops_the_other_naming_it(bucket, dataset,
                  bucket['env']) as run:
     run.wait_for(r'\] \[process 0/2\] step 1/1000')
     os.kill(run.procs[1].pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    # The bound (the heartbeat timeout is 20 s): a hang, not a speed.
     try:
       code = run.procs[0].wait(timeout=60)
     except subprocess.TimeoutExpired:
       pytest.fail('process 0 still runs 60 s after process 1 was killed')
-    elapsed = time.monotonic() - killed_at
     log = run.log(0)
-  assert code != 0 and elapsed < 60, (code, elapsed)
+  assert code != 0, code
   assert 'lost process 1 of 2' in log, log[-3000:]
 
 

@@ -307,7 +307,7 @@ def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
     builder = builder_cls(spec, skip_bad=skip_bad, num_workers=num_workers,
                           data_dir=data_dir, file_format='array_record')
     # tfds' own bars have no total for the generation and print a
-    # "Shuffling .../incomplete.XXXX..." line per split; progress.Bar (in
+    # "Shuffling .../incomplete.<random>..." line per split; progress.Bar (in
     # _generate_examples) replaces them.
     tfds.display_progress_bar(False)
     try:
