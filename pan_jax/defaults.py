@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1_000
   # Newest checkpoints kept in WORKDIR/checkpoints.
   config.max_checkpoints_to_keep = 3
+  # (first, last): steps traced by jax.profiler into WORKDIR/profile; () none.
+  config.profile_steps = ()
   # Compute dtype of every layer: 'float32' or 'bfloat16'. Parameters, batch
   # statistics and logits stay float32. bfloat16 is the choice on TPUs and on
   # A100/H100-class GPUs; on CPU it is slower.

@@ -4,7 +4,8 @@
         [--split=val] [--step=N] [--scales=0.5,0.75,1.0,1.25,1.5,1.75]
         [--flip] [--mode=whole|slide] [--output=OUT] [--config.x=y ...]
         [--protocols=table5 | --protocols=ss,ms,ms_flip]
-        [--format=voc_test|cityscapes_test]
+        [--format=voc_test|cityscapes_test] [--show_dir=DIR]
+        [--save_predictions]
 
 --checkpoint is a training workdir, an inference checkpoint or a converted
 network (checkpoints.load); its saved config is used, with --config.x=y
@@ -16,6 +17,12 @@ multi-scale, multi-scale + flip, the three rows of the paper's Table 5),
 each into OUT/<protocol>/report.json, and prints the rows side by side.
 --format also writes the benchmark server's files (submission.py), and is
 what a split without labels (a test split) is evaluated for.
+--show_dir=DIR writes, for every image, DIR/<file name>_color.png (the
+predicted mask in the palette) and DIR/<file name>_panel.png (image | ground
+truth | prediction, captioned, with a legend of the classes present);
+--save_predictions writes the raw class-id PNGs into OUT/predictions/ (to
+re-score later). report.json also records images/s (after the first batch,
+which compiles) and the devices.
 
 Correct by construction:
 * Every image of the split is counted exactly once: the data pipeline gives
@@ -37,6 +44,7 @@ import json
 import math
 import os
 import sys
+import time
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional,
                     Sequence, Tuple)
 
@@ -45,8 +53,8 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
-import tqdm
 
 from pan_jax import checkpoints
 from pan_jax import defaults
@@ -55,6 +63,7 @@ from pan_jax import inference
 from pan_jax import metrics
 from pan_jax import models
 from pan_jax import paths
+from pan_jax import progress as progress_lib
 from pan_jax import runtime
 from pan_jax import sharding
 from pan_jax import submission
@@ -67,6 +76,11 @@ from pan_jax.models import layers
 REPORT_FILE = 'report.json'
 CONFUSION_FILE = 'confusion_matrix.png'
 OVERLAY_DIR = 'overlays'
+# --save_predictions: OUT/predictions/<file name>.png, raw class ids.
+PREDICTIONS_DIR = submission.RAW
+# --show_dir: DIR/<file name><suffix> per image.
+COLOR_SUFFIX = '_color.png'
+PANEL_SUFFIX = '_panel.png'
 _INT32_MAX = 2**31 - 1
 # DeepLabv3's six test scales.
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -148,7 +162,9 @@ def evaluate_batches(model: Any, variables: Any,
                      options: inference.InferenceOptions, *,
                      progress: bool = False, num_samples: int = 0,
                      on_batch: Optional[Callable[[Dict[str, np.ndarray],
-                                                  np.ndarray], None]] = None
+                                                  np.ndarray], None]] = None,
+                     show: Optional[Callable[[Dict[str, np.ndarray],
+                                              np.ndarray], None]] = None
                      ) -> Tuple[Dict[str, Any], List[Dict[str, np.ndarray]]]:
   """Runs the model over this process's batches and scores the global sum.
 
@@ -168,9 +184,15 @@ def evaluate_batches(model: Any, variables: Any,
       overlays.
     on_batch: called on every process as on_batch(local batch, predictions
       int32 [b, Hc, Wc] of its rows), e.g. a submission.Writer.
+    show: called on process 0 only, as show(batch, predictions) with the
+      rows of every process (gathered when there are several), so that one
+      process writes each image once (e.g. a ShowWriter).
 
   Returns:
-    (result, samples): result as in `evaluate_dataset`; samples a list of
+    (result, samples): result as in `evaluate_dataset`, plus
+    'images_per_s' and 'seconds' (from the end of the first batch, which
+    includes compilation; over every batch if there is only one); samples
+    a list of
     {'image' float32 [h, w, 3] normalized, 'label' [h, w], 'prediction'
     [h, w], 'index' int} on process 0 (empty elsewhere).
   """
@@ -185,9 +207,11 @@ def evaluate_batches(model: Any, variables: Any,
   pixels = 0  # Pixels added to `confusion` since it was last moved to host.
   samples = []
   keep = num_samples if jax.process_index() == 0 else 0
-  bar = tqdm.tqdm(batches, desc='evaluate', unit='batch',
-                  disable=not progress or jax.process_index() != 0)
-  for local in bar:
+  bar = progress_lib.Bar(
+      'evaluate', getattr(batches, 'num_examples', None), 'images',
+      enabled=progress)
+  start, timed_from, first_images = time.monotonic(), None, 0
+  for local in batches:
     batch_pixels = math.prod(local['label'].shape) * jax.process_count()
     if pixels + batch_pixels > _INT32_MAX:
       host_confusion += np.asarray(_fetch(confusion), np.int64)
@@ -205,12 +229,41 @@ def evaluate_batches(model: Any, variables: Any,
     if len(samples) < keep:
       samples.extend(_samples(local, _process_rows(predictions),
                               keep - len(samples)))
+    if show is not None:
+      _show(show, local, predictions)
+    if timed_from is None:
+      # Throughput excludes the first batch (compilation): time from its end.
+      first_images = host_images + int(_fetch(num_images))
+      timed_from = time.monotonic()
+    bar.update(int(np.sum(local['valid'])))
+  bar.close()
   host_confusion += np.asarray(_fetch(confusion), np.int64)
   host_images += int(_fetch(num_images))
+  end = time.monotonic()
   result = metrics.scores(host_confusion)
   result['confusion_matrix'] = host_confusion
   result['num_images'] = host_images
+  if timed_from is not None and host_images > first_images:
+    result['seconds'] = end - timed_from
+    result['images_per_s'] = (host_images - first_images) / max(
+        end - timed_from, 1e-9)
+  else:  # One batch: its time, compilation included.
+    result['seconds'] = end - start
+    result['images_per_s'] = host_images / max(end - start, 1e-9)
   return result, samples
+
+
+def _show(show, local, predictions) -> None:
+  """Calls show(batch, predictions) on process 0 with every process's rows."""
+  keys = ('image', 'label', 'image_size', 'valid', 'index')
+  batch = {k: np.asarray(local[k]) for k in keys if k in local}
+  rows = _process_rows(predictions)
+  if jax.process_count() > 1:
+    # A collective: every process takes part, process 0 uses the result.
+    batch, rows = multihost_utils.process_allgather((batch, rows),
+                                                    tiled=True)
+  if jax.process_index() == 0:
+    show(batch, np.asarray(rows))
 
 
 def evaluate_dataset(model: Any, variables: Any, config: Any, meta: Any,
@@ -236,14 +289,23 @@ def evaluate_dataset(model: Any, variables: Any, config: Any, meta: Any,
     undefined, see metrics.py), 'confusion_matrix': int64 [K, K],
     'num_images': int}.
   """
-  result, _ = _evaluate_split(model, variables, config, meta, mesh, split,
-                              options, progress, num_samples=0)
+  result, _ = evaluate_split(model, variables, config, meta, mesh, split,
+                             options=options, progress=progress)
   return result
 
 
-def _evaluate_split(model, variables, config, meta, mesh, split, options,
-                    progress, num_samples, on_batch=None):
-  """evaluate_dataset, also returning overlay samples."""
+def evaluate_split(model: Any, variables: Any, config: Any, meta: Any,
+                   mesh: jax.sharding.Mesh, split: Optional[str] = None, *,
+                   options: Optional[inference.InferenceOptions] = None,
+                   progress: bool = False, num_samples: int = 0,
+                   on_batch: Optional[Callable[..., None]] = None,
+                   show: Optional[Callable[..., None]] = None
+                   ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+  """evaluate_dataset, also returning samples (evaluate_batches' arguments).
+
+  Returns:
+    (result, samples) as evaluate_batches'.
+  """
   if options is None:
     options = inference.InferenceOptions.from_config(
         config.eval, min_size=models.min_input_size(config))
@@ -253,7 +315,7 @@ def _evaluate_split(model, variables, config, meta, mesh, split, options,
       process_index=jax.process_index(), process_count=jax.process_count())
   return evaluate_batches(model, variables, batches, meta.num_classes, mesh,
                           options, progress=progress, num_samples=num_samples,
-                          on_batch=on_batch)
+                          on_batch=on_batch, show=show)
 
 
 def global_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
@@ -311,20 +373,39 @@ def report(result: Dict[str, Any], meta: Any, **extra: Any
     return None if math.isnan(value) else value
 
   names = list(meta.class_names)
+  by_class = {key: {n: number(v) for n, v in zip(names, result[key])}
+              for key in _PER_CLASS if key in result}
+  means = {key: number(result[key]) for key in _MEANS if key in result}
+  timing = {key: float(result[key]) for key in ('images_per_s', 'seconds')
+            if key in result}
   return {
       'miou': number(result['miou']),
       'pixel_accuracy': number(result['pixel_accuracy']),
       'mean_accuracy': number(result['mean_accuracy']),
-      'per_class_iou': {n: number(v)
-                        for n, v in zip(names, result['per_class_iou'])},
-      'per_class_accuracy': {
-          n: number(v) for n, v in zip(names, result['per_class_accuracy'])},
+      **means,
+      **by_class,
       'num_images': int(result['num_images']),
+      **timing,
+      'devices': devices(),
       'class_names': names,
       # Rows ground truth, columns prediction.
       'confusion_matrix': np.asarray(result['confusion_matrix']).tolist(),
       **extra,
   }
+
+
+# The per-class arrays and the means of metrics.scores that report.json
+# records (by class name).
+_PER_CLASS = ('per_class_iou', 'per_class_accuracy', 'per_class_dice',
+              'per_class_fscore', 'per_class_precision', 'per_class_recall')
+_MEANS = ('mdice', 'mfscore')
+
+
+def devices() -> Dict[str, Any]:
+  """What report.json says the evaluation ran on (kind, count, processes)."""
+  return {'platform': jax.default_backend(),
+          'kind': jax.devices()[0].device_kind,
+          'count': jax.device_count(), 'process_count': jax.process_count()}
 
 
 def format_table(result: Dict[str, Any], class_names: Sequence[str]) -> str:
@@ -334,25 +415,42 @@ def format_table(result: Dict[str, Any], class_names: Sequence[str]) -> str:
 
   confusion = np.asarray(result['confusion_matrix'])
   width = max([len('class')] + [len(str(n)) for n in class_names])
-  lines = [f'{"class":<{width}}     IoU     Acc  gt pixels']
+  dice = result.get('per_class_dice', [math.nan] * len(class_names))
+  lines = [f'{"class":<{width}}     IoU     Acc    Dice  gt pixels']
   for k, name in enumerate(class_names):
     lines.append(f'{name:<{width}}  {percent(result["per_class_iou"][k])}  '
                  f'{percent(result["per_class_accuracy"][k])}  '
-                 f'{int(confusion[k].sum()):>9d}')
+                 f'{percent(dice[k])}  {int(confusion[k].sum()):>9d}')
   lines.append(
       f'mIoU {percent(result["miou"]).strip()}  pixel accuracy '
       f'{percent(result["pixel_accuracy"]).strip()}  mean accuracy '
       f'{percent(result["mean_accuracy"]).strip()}  images '
       f'{int(result["num_images"])}')
+  if 'mdice' in result:
+    lines.append(f'mDice {percent(result["mdice"]).strip()}  mFscore '
+                 f'{percent(result["mfscore"]).strip()}')
+  if 'images_per_s' in result:
+    lines.append(f'{result["images_per_s"]:.3g} images/s on '
+                 f'{jax.device_count()} x {jax.devices()[0].device_kind}')
   return '\n'.join(lines)
 
 
 def write_outputs(output: str, result: Dict[str, Any], meta: Any,
                   samples: Sequence[Dict[str, Any]],
-                  extra: Dict[str, Any]) -> None:
+                  extra: Dict[str, Any],
+                  file_names: Optional[Sequence[str]] = None) -> None:
   """OUT/report.json, OUT/confusion_matrix.png, OUT/overlays/*.png.
 
   OUT may be local or gs://; each file is written atomically.
+
+  Args:
+    output: OUT.
+    result: evaluate_batches' result.
+    meta: DatasetMeta (class_names, palette, ignore_label).
+    samples: evaluate_batches' samples (the overlays).
+    extra: further report fields.
+    file_names: the split's file names by index: overlays are named
+      <file name>.png (default: the index, 00003.png).
   """
   text = json.dumps(report(result, meta, **extra), indent=2)
   paths.write_bytes(os.path.join(output, REPORT_FILE), (text + '\n').encode())
@@ -360,17 +458,68 @@ def write_outputs(output: str, result: Dict[str, Any], meta: Any,
       os.path.join(output, CONFUSION_FILE),
       visualize.confusion_image(result['confusion_matrix'], meta.class_names))
   for sample in samples:
-    image = np.clip(np.round(sample['image'] * transforms.IMAGENET_STD +
-                             transforms.IMAGENET_MEAN), 0, 255).astype(
-                                 np.uint8)
+    name = (file_names[sample['index']] if file_names is not None else
+            f'{sample["index"]:05d}')
     visualize.save_png(
-        os.path.join(output, OVERLAY_DIR, f'{sample["index"]:05d}.png'),
-        visualize.panel([
-            image,
-            visualize.overlay(image, sample['label'], meta.palette,
-                              ignore_label=meta.ignore_label),
-            visualize.overlay(image, sample['prediction'], meta.palette,
-                              ignore_label=meta.ignore_label)]))
+        os.path.join(output, OVERLAY_DIR, f'{name}.png'),
+        visualize.comparison(to_uint8(sample['image']), sample['label'],
+                             sample['prediction'], meta.class_names,
+                             meta.palette, meta.ignore_label, title=name))
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  """A normalized float image (transforms.normalize) back to uint8 RGB."""
+  return np.clip(np.round(np.asarray(image) * transforms.IMAGENET_STD +
+                          transforms.IMAGENET_MEAN), 0, 255).astype(np.uint8)
+
+
+class ShowWriter:
+  """--show_dir: two PNGs per image of the split, named by its file name.
+
+  DIR/<name>_color.png: the predicted ids as a palette PNG (PIL reads the ids
+  back, viewers show the colours). DIR/<name>_panel.png: image | ground truth
+  | prediction (visualize.comparison; image | prediction on a split without
+  labels). Called as evaluate_batches' `show` (process 0, every image once).
+
+  Attributes:
+    directory: DIR.
+    count: images written.
+  """
+
+  def __init__(self, directory: str, meta: Any, file_names: Sequence[str],
+               labeled: bool = True):
+    """Prepares the writer.
+
+    Args:
+      directory: DIR, local or gs://.
+      meta: DatasetMeta (class_names, palette, ignore_label).
+      file_names: the split's file names by example index.
+      labeled: whether the split has ground truth to show.
+    """
+    self.directory = directory
+    self._meta = meta
+    self._file_names = list(file_names)
+    self._labeled = labeled
+    self.count = 0
+
+  def __call__(self, batch: Mapping[str, np.ndarray],
+               predictions: np.ndarray) -> None:
+    """Writes the PNGs of every valid example of a (gathered) batch."""
+    meta = self._meta
+    for b in np.flatnonzero(np.asarray(batch['valid'])):
+      height, width = (int(v) for v in batch['image_size'][b])
+      name = self._file_names[int(batch['index'][b])]
+      classes = np.asarray(predictions[b, :height, :width]).astype(np.uint8)
+      label = (np.asarray(batch['label'][b, :height, :width])
+               if self._labeled else None)
+      visualize.save_png(os.path.join(self.directory, name + COLOR_SUFFIX),
+                         classes, palette=meta.palette)
+      visualize.save_png(
+          os.path.join(self.directory, name + PANEL_SUFFIX),
+          visualize.comparison(
+              to_uint8(batch['image'][b, :height, :width]), label, classes,
+              meta.class_names, meta.palette, meta.ignore_label, title=name))
+      self.count += 1
 
 
 def _define_flags() -> None:
@@ -398,6 +547,12 @@ def _define_flags() -> None:
       'format', None, list(submission.FORMATS),
       'Also write the benchmark server\'s files into OUTPUT/<format>/ '
       '(needed for a split without labels).')
+  flags.DEFINE_string(
+      'show_dir', None, 'Write every image\'s predicted colour mask and an '
+      'image | ground truth | prediction panel here (local or gs://).')
+  flags.DEFINE_bool(
+      'save_predictions', False, 'Write the raw class-id PNGs into '
+      f'OUTPUT/{PREDICTIONS_DIR}/ (to re-score later).')
   flags.adopt_module_key_flags(runtime)  # --help lists them too.
 
 
@@ -446,7 +601,9 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
         num_overlays: Optional[int] = None, output: Optional[str] = None,
         config_overrides: Optional[Mapping[str, Any]] = None,
         progress: bool = True, protocols: Optional[Sequence[str]] = None,
-        output_format: Optional[str] = None) -> Dict[str, Any]:
+        output_format: Optional[str] = None,
+        show_dir: Optional[str] = None,
+        save_predictions: bool = False) -> Dict[str, Any]:
   """What the CLI does; None arguments take the checkpoint config's values.
 
   Args:
@@ -467,6 +624,10 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
       PROTOCOLS / PROTOCOL_SETS), each into OUTPUT/<protocol>/.
     output_format: also write the benchmark server's files (one of
       submission.FORMATS) into OUTPUT/<format>/.
+    show_dir: write every image's colour mask and comparison panel here
+      (ShowWriter; with protocols, into SHOW_DIR/<protocol>/).
+    save_predictions: write the raw class-id PNGs into
+      OUTPUT/predictions/.
 
   Returns:
     The report (also written to OUTPUT/report.json by process 0); with
@@ -495,6 +656,10 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
       f'dataset {config.data.name} in {config.data.data_dir}')
   if output_format:
     submission.check_format(output_format, meta)
+  if (show_dir or save_predictions) and meta.num_classes > 255:
+    raise errors.UsageError(
+        f'{checkpoint}: {meta.num_classes} classes do not fit the 8-bit '
+        'PNGs of --show_dir / --save_predictions (at most 255)')
   labeled = sources.has_labels(config.data, split)
   if not labeled and not output_format:
     raise errors.UsageError(
@@ -509,21 +674,31 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
   runs = (protocol_runs(protocols) if protocols else
           [(None, scales, flip)])
   reports = {}
+  file_names = (sources.file_names(config.data, split)
+                if show_dir or save_predictions or num_overlays or
+                output_format else None)
   for name, run_scales, run_flip in runs:
     options = inference.InferenceOptions.from_config(
         config.eval, mode=mode, scales=run_scales, flip=run_flip,
         min_size=models.min_input_size(config))
     config.eval.mode = options.mode  # The pipeline's canvas check reads it.
-    writer = (submission.Writer(output_format, output,
-                                sources.file_names(config.data, split))
+    where = output if name is None else os.path.join(output, name)
+    writer = (submission.Writer(output_format, output, file_names)
               if output_format else None)
+    raw = (submission.Writer(submission.RAW, where, file_names)
+           if save_predictions else None)
+    shower = (ShowWriter(show_dir if name is None else
+                         os.path.join(show_dir, name), meta, file_names,
+                         labeled) if show_dir else None)
     logging.info('Evaluating %s (step %s) on %s/%s: %s, %d device(s)',
                  checkpoint, step, config.data.name, split, options,
                  mesh.devices.size)
-    result, samples = _evaluate_split(model, variables, config, meta, mesh,
-                                      split, options, progress=progress,
-                                      num_samples=num_overlays,
-                                      on_batch=writer)
+    result, samples = evaluate_split(model, variables, config, meta, mesh,
+                                     split, options=options,
+                                     progress=progress,
+                                     num_samples=num_overlays,
+                                     on_batch=_each(writer, raw),
+                                     show=shower)
     extra = {'checkpoint': paths.absolute(checkpoint), 'step': step,
              'dataset': config.data.name, 'split': split,
              'mode': options.mode, 'scales': list(options.scales),
@@ -533,9 +708,12 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
       extra['protocol'] = name
     if writer is not None:
       extra['submission'] = writer.summary()
-    where = output if name is None else os.path.join(output, name)
+    if raw is not None:
+      extra['predictions'] = raw.summary()['directory']
+    if shower is not None:
+      extra['show_dir'] = paths.absolute(shower.directory)
     if jax.process_index() == 0:
-      write_outputs(where, result, meta, samples, extra)
+      write_outputs(where, result, meta, samples, extra, file_names)
       if labeled:
         print(format_table(result, meta.class_names), file=sys.stdout)
       print(f'report: {os.path.join(where, REPORT_FILE)}', file=sys.stdout)
@@ -557,6 +735,18 @@ def run(checkpoint: str, *, data_dir: Optional[str] = None,
   return {'protocols': reports}
 
 
+def _each(*callbacks):
+  """One on_batch callback calling every one given (None: none given)."""
+  callbacks = [c for c in callbacks if c is not None]
+  if not callbacks:
+    return None
+
+  def call(local, predictions):
+    for callback in callbacks:
+      callback(local, predictions)
+  return call
+
+
 def main(argv: Sequence[str]) -> None:
   """Evaluates --checkpoint on --split and writes the report."""
   if len(argv) > 1:
@@ -567,7 +757,9 @@ def main(argv: Sequence[str]) -> None:
       **runtime.inference_flag_values(), batch_size=flag_values.batch_size,
       num_overlays=flag_values.num_overlays, output=flag_values.output,
       config_overrides=runtime.config_overrides(),
-      protocols=flag_values.protocols, output_format=flag_values.format)
+      protocols=flag_values.protocols, output_format=flag_values.format,
+      show_dir=flag_values.show_dir,
+      save_predictions=flag_values.save_predictions)
 
 
 def cli() -> None:

@@ -53,6 +53,7 @@ from pan_jax import defaults
 from pan_jax import errors
 from pan_jax import models
 from pan_jax import paths
+from pan_jax import progress as progress_lib
 from pan_jax import runtime
 from pan_jax.checkpoints import files
 from pan_jax.data import transforms
@@ -246,8 +247,8 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
         platforms: Sequence[str] = DEFAULT_PLATFORMS,
         stablehlo: bool = True,
         config_overrides: Optional[Mapping[str, Any]] = None,
-        serving: bool = False, serving_logits: bool = False
-        ) -> Optional[int]:
+        serving: bool = False, serving_logits: bool = False,
+        progress: bool = True) -> Optional[int]:
   """What the CLI does: inference checkpoint (+ StableHLO) from a checkpoint.
 
   Args:
@@ -261,6 +262,8 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
       written into the export's config.json.
     serving: write the serving artefact (export_serving) instead.
     serving_logits: the serving artefact also returns the logits.
+    progress: show the stages done (progress.Bar: load, save, and with
+      stablehlo lower, write).
 
   Returns:
     The exported step.
@@ -271,11 +274,15 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
         'without PAN_JAX_DISTRIBUTED=1')
   if serving_logits and not serving:
     raise errors.UsageError('--serving_logits needs --serving')
+  bar = progress_lib.Bar('export', 4 if stablehlo else 2, 'stages',
+                         enabled=progress, rate=False)
   config, meta, variables, step = checkpoints.load(checkpoint, step)
+  bar.update()
   defaults.override(config, config_overrides or {})
   output = paths.absolute(output)
   checkpoints.exported.save(output, config, meta, variables, step=step,
                             source=paths.absolute(checkpoint))
+  bar.update()
   logging.info('Wrote the inference checkpoint (step %s) to %s', step, output)
   if stablehlo:
     model = models.create_model(config, meta.num_classes)
@@ -292,9 +299,12 @@ def run(checkpoint: str, output: str, step: Optional[int] = None,
       crop = int(config.data.crop_size)
       exported = export_stablehlo(model, variables, (crop, crop), platforms)
       what = f'images [b, {crop}, {crop}, 3]'
+    bar.update()
     write_stablehlo(output, exported, config, meta, serving=serving)
+    bar.update()
     logging.info('Wrote %s for %s on %s', os.path.join(output, STABLEHLO_FILE),
                  what, ','.join(exported.platforms))
+  bar.close()
   return step
 
 

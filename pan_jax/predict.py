@@ -43,6 +43,7 @@ from pan_jax import errors
 from pan_jax import inference
 from pan_jax import models
 from pan_jax import paths as paths_lib
+from pan_jax import progress as progress_lib
 from pan_jax import runtime
 from pan_jax import visualize
 from pan_jax.data import transforms
@@ -356,7 +357,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
     paths: image files and directories.
     output: output directory (local or gs://).
     meta: DatasetMeta (palette, ignore_label).
-    progress: log each file.
+    progress: show a progress bar (progress.Bar: on a terminal, else one
+      summary line).
 
   Returns:
     One message per path that failed (empty when all succeeded).
@@ -371,11 +373,13 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
   except OSError as e:
     raise errors.StorageError(
         f'--output={output} cannot be created: {e.strerror or e}') from e
+  bar = progress_lib.Bar('predict', len(files), 'images', enabled=progress)
   for path, stem in zip(files, stems):
     try:
       image = read_image(path)
     except ValueError as e:
       problems.append(str(e))
+      bar.update()  # Done with, though not segmented (listed at the end).
       continue
     classes = predictor(image)
     visualize.save_png(os.path.join(output, f'{stem}.png'), classes)
@@ -384,9 +388,11 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
     visualize.save_png(
         os.path.join(output, f'{stem}_overlay.png'),
         visualize.overlay(image, classes, meta.palette,
-                          ignore_label=meta.ignore_label))
-    if progress:
-      logging.info('%s -> %s', path, os.path.join(output, f'{stem}.png'))
+                          ignore_label=meta.ignore_label,
+                          transparent=visualize.background_ids(
+                              meta.class_names)))
+    bar.update()
+  bar.close()
   for message in problems:
     logging.error('%s', message)
   return problems

@@ -37,7 +37,13 @@ every host of a TPU pod slice:
   (`jax_threefry_partitionable`), so initialisation is the same on 1 device
   or 256.
 * Logging: Orbax logs every step of every save and restore at INFO; only its
-  warnings are kept.
+  warnings are kept. jax logs at INFO that each accelerator plugin it looks
+  for is absent ("Unable to initialize backend 'tpu'", on every CPU or GPU
+  machine); that line is dropped (its warnings are kept). tfds warns on
+  every image decoder it builds that OpenCV is not installed (PIL decodes
+  the PNG/JPEG bytes of our records correctly); that warning is dropped too,
+  also in the data loader's worker processes (`quiet_library_logs`, which
+  pan_jax.data.sources calls when a worker imports it).
 """
 
 import functools
@@ -194,11 +200,33 @@ def _not_orbax_info(record: py_logging.LogRecord) -> bool:
   return record.levelno >= py_logging.WARNING
 
 
+def _not_opencv_advice(record: py_logging.LogRecord) -> bool:
+  return not str(record.msg).startswith('OpenCV is not installed')
+
+
+def quiet_library_logs() -> None:
+  """Drops the libraries' log lines that are noise here (see the module
+  docstring); idempotent, also right for a process that never runs `start`
+  (a data worker)."""
+  logger = logging.get_absl_logger()
+  if _not_opencv_advice not in logger.filters:
+    logger.addFilter(_not_opencv_advice)
+
+
+def _not_missing_backend_info(record: py_logging.LogRecord) -> bool:
+  return not (record.levelno < py_logging.WARNING and
+              str(record.msg).startswith('Unable to initialize backend'))
+
+
 def start() -> None:
   """Prepares this process for jax; `run` calls it before every command."""
+  # Before the first backend starts (jax.process_index() below).
+  py_logging.getLogger('jax._src.xla_bridge').addFilter(
+      _not_missing_backend_info)
   if on_cpu():
     set_cpu_flags()
   logging.get_absl_logger().addFilter(_not_orbax_info)
+  quiet_library_logs()
   if os.environ.get('PAN_JAX_DISTRIBUTED') == '1':
     jax.distributed.initialize(**distributed_arguments(os.environ))
   jax.config.update('jax_threefry_partitionable', True)

@@ -21,6 +21,10 @@ Cityscapes: leftImg8bit/test). On a labelled split the same files are
 written and the split is scored as usual, which is how to check them with a
 local evaluation script first.
 
+`--save_predictions` uses the same writer for the network's own output
+(format RAW): OUT/predictions/<file name>.png, 8-bit class ids as predicted
+(train ids), to re-score or convert later.
+
 Every process writes the images of its own share of the split (the names do
 not collide), so OUT must be shared by the processes of a multi-host run.
 """
@@ -37,6 +41,8 @@ from pan_jax.data import cityscapes
 from pan_jax.data import voc
 
 FORMATS = ('voc_test', 'cityscapes_test')
+# The raw class ids (evaluate --save_predictions); not a server's format.
+RAW = 'predictions'
 VOC_RESULTS_DIR = os.path.join('results', 'VOC2012', 'Segmentation',
                                'comp6_test_cls')
 CITYSCAPES_SUFFIX = '_labelIds.png'
@@ -87,11 +93,11 @@ class Writer:
     """Prepares OUT/FORMAT.
 
     Args:
-      output_format: one of FORMATS.
+      output_format: one of FORMATS, or RAW.
       output: the evaluation's output directory OUT.
       file_names: the split's file names by example index (image id / stem).
     """
-    if output_format not in FORMATS:
+    if output_format not in FORMATS + (RAW,):
       raise errors.UsageError(f'--format={output_format!r} is not one of '
                               f'{", ".join(FORMATS)}')
     self._format = output_format
@@ -104,6 +110,8 @@ class Writer:
     stem = self._file_names[index]
     if self._format == 'voc_test':
       return os.path.join(self.directory, VOC_RESULTS_DIR, stem + '.png')
+    if self._format == RAW:
+      return os.path.join(self.directory, stem + '.png')
     return os.path.join(self.directory, stem + CITYSCAPES_SUFFIX)
 
   def __call__(self, local: Mapping[str, np.ndarray],
@@ -121,6 +129,8 @@ class Writer:
       if self._format == 'voc_test':
         visualize.save_png(path, classes.astype(np.uint8),
                            palette=voc.color_map(256))
+      elif self._format == RAW:
+        visualize.save_png(path, classes.astype(np.uint8))
       else:
         visualize.save_png(path, cityscapes.to_label_ids(classes))
       self.count += 1
@@ -132,5 +142,7 @@ class Writer:
     process.)
     """
     directory = paths.absolute(self.directory)
+    if self._format == RAW:
+      return {'format': self._format, 'directory': directory}
     return {'format': self._format, 'directory': directory,
             'archive_command': _ARCHIVE[self._format].format(dir=directory)}

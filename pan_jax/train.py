@@ -39,7 +39,9 @@ from pan_jax import losses
 from pan_jax import models
 from pan_jax import optim
 from pan_jax import paths
+from pan_jax import progress as progress_lib
 from pan_jax import sharding
+from pan_jax import visualize
 from pan_jax.checkpoints import pretrained
 from pan_jax.checkpoints import workdir as workdir_lib
 from pan_jax.data import pipeline
@@ -48,6 +50,9 @@ from pan_jax.data import sources
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+# jax.profiler traces of config.profile_steps (open with TensorBoard's
+# profile plugin: tensorboard --logdir=WORKDIR/profile).
+PROFILE_DIR = 'profile'
 # Train steps dispatched to the devices and not finished, at most.
 MAX_STEPS_IN_FLIGHT = 2
 # Per-step values that must stay finite; a checkpoint is only written after
@@ -178,6 +183,26 @@ def check_config(config: ml_collections.ConfigDict,
     raise errors.ConfigError(
         'config.eval_every_steps must be >= 0 (0 = only at the end), got '
         f'{config.eval_every_steps}.')
+  profile_steps(config)
+
+
+def profile_steps(config: ml_collections.ConfigDict
+                  ) -> Optional[tuple[int, int]]:
+  """config.profile_steps as (first, last), or None when not profiling.
+
+  Raises:
+    ConfigError: not () or two steps 1 <= first <= last.
+  """
+  value = tuple(config.get('profile_steps', ()) or ())
+  if not value:
+    return None
+  if (len(value) != 2 or not all(isinstance(v, int) for v in value) or
+      not 1 <= value[0] <= value[1]):
+    raise errors.ConfigError(
+        f'config.profile_steps={value!r} must be () (no profile) or (first, '
+        'last), two steps with 1 <= first <= last, e.g. '
+        '--config.profile_steps="(10, 15)".')
+  return value
 
 
 def check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -210,11 +235,16 @@ def validate(model: Any, state: TrainState, config: ml_collections.ConfigDict,
   """Scores the current state on config.data.eval_split (whole images).
 
   Returns:
-    evaluate.evaluate_dataset's result: miou, pixel_accuracy, mean_accuracy,
-    per_class_iou, confusion_matrix, num_images.
+    evaluate.evaluate_split's result (miou, pixel_accuracy, mean_accuracy,
+    per_class_iou, confusion_matrix, num_images, ...) and 'samples': its
+    first config.eval.num_overlays examples with their predictions
+    (process 0), for TensorBoard.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  return evaluate.evaluate_dataset(model, variables, config, meta, mesh)
+  result, samples = evaluate.evaluate_split(
+      model, variables, config, meta, mesh,
+      num_samples=config.eval.num_overlays)
+  return {**result, 'samples': samples}
 
 
 class _MetricWriter:
@@ -233,6 +263,9 @@ class _MetricWriter:
     self._local = None  # The local directory of a gs:// workdir.
     if not self._enabled:
       return
+    # Imported here: only process 0 writes events, and importing pan_jax.train
+    # (evaluate, export, tests) need not load it.
+    import tensorboardX  # pylint: disable=g-import-not-at-top
     if paths.is_url(workdir):
       self._local = tempfile.mkdtemp(prefix='pan_jax_metrics_')
     directory = self._local or workdir
@@ -261,10 +294,30 @@ class _MetricWriter:
       raise errors.StorageError(
           f'cannot write {self._path}: {e.strerror or e}') from e
     for key, value in values.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool):
-        tag = key if key.startswith('val/') else f'train/{key}'
+      tag = key if key.startswith('val/') else f'train/{key}'
+      if isinstance(value, dict):  # Per class: one scalar per class name.
+        for name, number in value.items():
+          if isinstance(number, (int, float)) and math.isfinite(number):
+            self._tensorboard.add_scalar(f'{tag}/{name}', number, step)
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
         self._tensorboard.add_scalar(tag, value, step)
     self._tensorboard.flush()
+
+  def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+    """Adds uint8 RGB [H, W, 3] images by tag."""
+    if not self._enabled:
+      return
+    for tag, image in images.items():
+      self._tensorboard.add_image(tag, image, step, dataformats='HWC')
+    self._tensorboard.flush()
+
+  def copy_tree(self, local: str, name: str) -> None:
+    """Copies a local directory to WORKDIR/name (a gs:// workdir)."""
+    for root, _, files in os.walk(local):
+      for file_name in files:
+        path = os.path.join(root, file_name)
+        _copy_file(path, os.path.join(self._workdir, name,
+                                      os.path.relpath(path, local)))
 
   def sync(self) -> None:
     """Copies the local files of a gs:// workdir to it (each atomically)."""
@@ -306,13 +359,6 @@ def _to_json(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [_to_json(v) for v in value]
   return value
-
-
-def _format_duration(seconds: float) -> str:
-  seconds = int(seconds)
-  hours, rest = divmod(seconds, 3600)
-  return (f'{hours}h{rest // 60:02d}m' if hours
-          else f'{rest // 60}m{rest % 60:02d}s')
 
 
 def _check_finite(pending: list[tuple[int, dict[str, Any]]],
@@ -464,7 +510,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # From here on a signal means "checkpoint as soon as possible and stop".
   stop = workdir_lib.StopRequest()
-  manager = data_iter = writer = None
+  manager = data_iter = writer = profiler = None
   finished = False
   try:
     manager = workdir_lib.create_manager(workdir, config)
@@ -485,8 +531,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       workdir_lib.restore_data_iter(manager, start_step, data_iter)
     workdir_lib.save_run_info(workdir, config, meta)
     writer = _MetricWriter(workdir, start_step)
+    profiler = _Profiler(config, workdir, writer)
     result = _train_loop(config, workdir, mesh, model, meta, step_fn, state,
-                         start_step, data_iter, manager, writer, stop)
+                         start_step, data_iter, manager, writer, stop,
+                         profiler)
     finished = True
     return result
   finally:
@@ -494,6 +542,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if manager is not None:
       # After another error, a failed save is logged, not raised over it.
       workdir_lib.close_manager(manager, raise_errors=finished)
+    if profiler is not None:
+      profiler.stop()  # Training ended (or failed) inside the traced steps.
     if writer is not None:
       writer.close()
     close = getattr(data_iter, 'close', None)
@@ -501,13 +551,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       close()
 
 
+def _sample_images(samples: list[dict[str, Any]],
+                   meta: Any) -> dict[str, np.ndarray]:
+  """TensorBoard images of validation samples: val/overlay/<index>."""
+  return {f'val/overlay/{s["index"]}': visualize.comparison(
+      evaluate.to_uint8(s['image']), s['label'], s['prediction'],
+      meta.class_names, meta.palette, meta.ignore_label,
+      title=f'val #{s["index"]}') for s in samples}
+
+
+class _Profiler:
+  """Traces config.profile_steps with jax.profiler into WORKDIR/profile.
+
+  Process 0 only (one trace is what a user opens; every host runs the same
+  program). A gs:// workdir gets the trace copied after it is written
+  locally (the profiler writes local files).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               writer: _MetricWriter):
+    steps = profile_steps(config)
+    self._first, self._last = steps or (0, -1)
+    if jax.process_index() != 0:
+      self._first, self._last = 0, -1
+    self._workdir, self._writer = workdir, writer
+    self._local = None
+    self._active = False
+
+  def before(self, step: int) -> None:
+    """Called before step `step` (1-based) runs."""
+    if step != self._first:
+      return
+    if paths.is_url(self._workdir):
+      self._local = tempfile.mkdtemp(prefix='pan_jax_profile_')
+      directory = self._local
+    else:
+      directory = os.path.join(self._workdir, PROFILE_DIR)
+      paths.makedirs(directory)
+    logging.info('Profiling steps %d to %d into %s.', self._first,
+                 self._last, os.path.join(self._workdir, PROFILE_DIR))
+    jax.profiler.start_trace(directory)
+    self._active = True
+
+  def after(self, step: int, state: Any) -> None:
+    """Called after step `step` was dispatched."""
+    if self._active and step >= self._last:
+      jax.block_until_ready(state)  # The trace holds the steps' device time.
+      self.stop()
+
+  def stop(self) -> None:
+    """Ends the trace (also when training stops before the last step)."""
+    if not self._active:
+      return
+    self._active = False
+    jax.profiler.stop_trace()
+    if self._local is not None:
+      self._writer.copy_tree(self._local, PROFILE_DIR)
+      shutil.rmtree(self._local, ignore_errors=True)
+      self._local = None
+
+
 def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
-                start_step, data_iter, manager, writer, stop):
+                start_step, data_iter, manager, writer, stop, profiler):
   """Steps from `start_step` to config.total_steps (or a stop request).
 
   Order after each step: check that the last save has not failed, log (and
   check values are finite), stop check, checkpoint, validate (once this
-  step's checkpoint is written). Arguments are train_and_evaluate's locals.
+  step's checkpoint is written). Arguments are train_and_evaluate's locals;
+  `profiler` (a _Profiler) is told before and after each step.
   """
   total = config.total_steps
   if start_step >= total:
@@ -521,12 +632,14 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
   in_flight = collections.deque()  # Metrics of the unfinished steps.
   saving = None  # The step of a save started and not known to be complete.
   while step < total:
+    profiler.before(step + 1)
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       batch = next(data_iter)
       batch = sharding.to_global(
           {'image': batch['image'], 'label': batch['label']}, mesh)
       state, metrics = step_fn(state, batch)
     step += 1
+    profiler.after(step, state)
     pending.append((step, metrics))
     # At most MAX_STEPS_IN_FLIGHT steps dispatched and not finished (with 2:
     # step n - 1 must finish before step n + 1 is prepared). The device
@@ -566,7 +679,7 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
         last_metrics['steps_per_sec'] = rate
         last_metrics['images_per_sec'] = rate * config.global_batch_size
         progress += (f' | {last_metrics["images_per_sec"]:.1f} img/s'
-                     f' | ETA {_format_duration((total - step) / rate)}')
+                     f' | ETA {progress_lib.format_duration((total - step) / rate)}')
       writer.write(step, last_metrics)
       logging.info('%s', progress)
       timer_step, timer_start = step, time.time()
@@ -587,8 +700,10 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       # not after a validation (the save takes seconds, validation minutes).
       workdir_lib.check_saved(manager, saving, block=saving == step)
       eval_result = validate(model, state, config, meta, mesh)
+      samples = eval_result.pop('samples', [])
       summary = _summarise_eval(eval_result, meta)
       writer.write(step, summary)
+      writer.images(step, _sample_images(samples, meta))
       writer.sync()
       per_class = ', '.join(f'{name} {iou:.3f}' for name, iou in
                             summary.get('val/per_class_iou', {}).items())
@@ -605,6 +720,6 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       break
   workdir_lib.check_saved(manager, saving)
   logging.info('Trained steps %d to %d in %s.', start_step, step,
-               _format_duration(time.time() - run_start))
+               progress_lib.format_duration(time.time() - run_start))
   return {'step': step, 'stopped_by': stopped_by,
           'last_metrics': last_metrics, 'eval': eval_result}

@@ -24,6 +24,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'data')
 
 
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `slow` run only with PAN_JAX_TEST_SLOW=1 (launch/test.sh --all)."""
+  del config
+  if os.environ.get('PAN_JAX_TEST_SLOW') == '1':
+    return
+  skip = pytest.mark.skip(
+      reason='slow (a training, multi-scale or end-to-end program; minutes on '
+      '2 cores): launch/test.sh --all or PAN_JAX_TEST_SLOW=1 runs it')
+  for item in items:
+    if 'slow' in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture
 def shared_data():
   """Path of ../shared/data (real VOC / Cityscapes samples); skips if absent."""

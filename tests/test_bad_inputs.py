@@ -44,7 +44,6 @@ from pan_jax import predict
 from pan_jax import sharding
 from pan_jax import train
 from pan_jax.checkpoints import exported
-from pan_jax.checkpoints import files
 from pan_jax.checkpoints import workdir as workdir_lib
 from pan_jax.convert import readers
 from pan_jax.data import builder
@@ -477,7 +476,7 @@ def test_missing_checkpoint_and_unknown_split_are_one_line(smoke_run,
 
 def test_a_bug_keeps_its_traceback(tmp_path):
   """Only user errors are shortened: an internal error shows where it was."""
-  result = _run_python(f'''
+  result = _run_python('''
       import sys
       from pan_jax import runtime
       def main(argv):
@@ -667,14 +666,7 @@ def test_kill_9_during_a_save_keeps_the_last_complete_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(restored['w'][:2, :2]), 1.0)
 
 
-_SLOW = pytest.mark.skipif(
-    os.environ.get('PAN_JAX_TEST_SLOW') != '1',
-    reason='compiles a training or multi-scale program (~1 min on 2 cores); '
-    'set PAN_JAX_TEST_SLOW=1 to run')
-
-
 @pytest.mark.slow
-@_SLOW
 def test_huge_learning_rate_is_one_line_and_saves_nothing_bad(tmp_path):
   """The real thing end to end: --config.optim.learning_rate=1e6."""
   workdir = tmp_path / 'run'
@@ -918,7 +910,6 @@ def test_a_small_scale_works_on_a_small_image_smp_mode():
 
 
 @pytest.mark.slow
-@_SLOW
 def test_the_paper_protocol_works_on_a_small_image_smp_mode():
   _smp_mode_probs((0.5, 0.75, 1.0, 1.25, 1.5, 1.75))
 

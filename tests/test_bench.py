@@ -77,6 +77,7 @@ def test_peer_needs_peer_dir():
   assert '[infer]' not in result.stdout  # Nothing was measured.
 
 
+@pytest.mark.slow
 def test_loop_record_fields(tmp_path):
   records, stdout = _bench(tmp_path, 'loop', '--loop_config=configs/smoke.py',
                            '--steps=4', '--log_every=2')

@@ -3,8 +3,8 @@
 It installs (into the venv running the tests, where everything is already
 installed), builds the synthetic dataset, trains configs/demo.py and
 evaluates: the issue's criterion is mIoU >= 0.80 on the synthetic val split,
-with the per-class table printed and overlays saved. Deselect with
-`-m "not slow"`.
+with the per-class table printed and overlays saved. Marked slow: runs with
+`launch/test.sh --all` (CI) or PAN_JAX_TEST_SLOW=1.
 """
 
 import json

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import smoke
 import eval_standins
@@ -185,6 +186,7 @@ def test_evaluate_run_on_the_fake_split_with_the_real_model(tmp_path):
   assert len(list((output / 'overlays').iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_table5_protocols_in_one_call(tmp_path):
   """--protocols=table5: single scale, multi-scale, multi-scale + flip."""
   workdir = eval_standins.smoke_workdir()[0]
@@ -263,3 +265,89 @@ def test_bench_eval_measures_the_eval_step():
       dtype='float32', scales=eval_bench.MULTI_SCALES)
   assert row['images_per_s'] > 0 and row['batch'] == 8  # 8 fake devices
   assert row['scales'] == [1.0] and row['image_size'] == [30, 20]
+
+
+def test_report_adds_dice_fscore_speed_and_devices(tmp_path):
+  """A tiny case by hand: 2 classes + one absent, predicted nowhere."""
+  # Class 0: 6 gt pixels, 5 right; class 1: 4 gt, 3 right; class 2: 1 gt
+  # pixel, never predicted.
+  confusion = np.array([[5, 1, 0], [1, 3, 0], [1, 0, 0]])
+  result = metrics.scores(confusion)
+  result.update(confusion_matrix=confusion, num_images=2, images_per_s=4.0,
+                seconds=0.5)
+
+  class Meta:
+    class_names = ('bg', 'cat', 'dog')
+
+  rep = evaluate.report(result, Meta)
+  dice = {'bg': 2 * 5 / (6 + 7), 'cat': 2 * 3 / (4 + 4), 'dog': 0.0}
+  assert rep['per_class_dice'] == dice
+  assert math.isclose(rep['mdice'], sum(dice.values()) / 3)
+  # precision bg 5/7, cat 3/4, dog undefined (never predicted): its Fscore
+  # is null and left out of the mean, unlike its Dice of 0.
+  f_bg = 2 * (5 / 7) * (5 / 6) / (5 / 7 + 5 / 6)
+  f_cat = 2 * (3 / 4) * (3 / 4) / (3 / 4 + 3 / 4)
+  assert math.isclose(rep['per_class_fscore']['bg'], f_bg)
+  assert math.isclose(rep['per_class_fscore']['cat'], f_cat)
+  assert rep['per_class_fscore']['dog'] is None
+  assert math.isclose(rep['mfscore'], (f_bg + f_cat) / 2)
+  assert rep['per_class_precision']['dog'] is None
+  assert rep['per_class_recall']['dog'] == 0.0
+  assert rep['images_per_s'] == 4.0
+  assert rep['devices'] == {'platform': 'cpu', 'kind': 'cpu', 'count': 8,
+                            'process_count': 1}
+  table = evaluate.format_table(result, Meta.class_names)
+  assert f'mDice {100 * rep["mdice"]:.2f}' in table
+
+
+def test_show_dir_and_save_predictions(tmp_path):
+  """--show_dir writes two PNGs per image named by file name, each once;
+  --save_predictions the raw ids, equal to the scored predictions."""
+  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+  from pan_jax.data import sources
+  # pylint: enable=g-import-not-at-top
+  workdir, config, meta, _, _ = eval_standins.smoke_workdir()
+  output, show = tmp_path / 'out', tmp_path / 'show'
+  rep = evaluate.run(workdir, output=str(output), num_overlays=1,
+                     batch_size=4, progress=False, show_dir=str(show),
+                     save_predictions=True)
+  names = sources.file_names(config.data, config.data.eval_split)
+  source = sources.open_split(config.data, config.data.eval_split)
+  assert len(names) == rep['num_images'] == 10
+  expected = {n + s for n in names
+              for s in (evaluate.COLOR_SUFFIX, evaluate.PANEL_SUFFIX)}
+  assert {p.name for p in show.iterdir()} == expected
+  confusion = np.zeros((meta.num_classes,) * 2, np.int64)
+  for index, name in enumerate(names):
+    label = source[index]['label']
+    h, w = label.shape
+    raw = np.asarray(Image.open(output / 'predictions' / f'{name}.png'))
+    assert raw.shape == (h, w) and raw.dtype == np.uint8
+    color = Image.open(show / f'{name}{evaluate.COLOR_SUFFIX}')
+    assert color.mode == 'P' and color.size == (w, h)
+    np.testing.assert_array_equal(np.asarray(color), raw)
+    panel = np.asarray(Image.open(show / f'{name}{evaluate.PANEL_SUFFIX}'))
+    # Three panes of the image's size, 4-pixel gaps, caption strip above,
+    # legend below.
+    assert panel.shape[1] == 3 * w + 2 * 4 and panel.shape[0] > h + 16
+    keep = label != 255
+    np.add.at(confusion, (label[keep], raw[keep]), 1)
+  # The raw files are what was scored.
+  np.testing.assert_array_equal(confusion, rep['confusion_matrix'])
+  assert rep['predictions'].endswith('predictions')
+  assert len(list((output / 'overlays').iterdir())) == 1
+  assert (output / 'overlays' / f'{names[0]}.png').exists()
+
+
+def test_show_dir_on_gcs(tmp_path, gcs_bucket):
+  # pylint: disable=g-import-not-at-top
+  from pan_jax import paths
+  # pylint: enable=g-import-not-at-top
+  workdir = eval_standins.smoke_workdir()[0]
+  show = f'{gcs_bucket}/show'
+  rep = evaluate.run(workdir, output=f'{gcs_bucket}/out', num_overlays=0,
+                     batch_size=8, progress=False, show_dir=show)
+  written = sorted(paths.listdir(show))
+  assert len(written) == 2 * rep['num_images'] == 20
+  assert paths.exists(f'{gcs_bucket}/out/report.json')

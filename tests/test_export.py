@@ -126,6 +126,7 @@ def _uint8_images(batch, height, width, seed=0):
       0, 256, (batch, height, width, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_serving_artefact_gives_the_predictors_ids(serving, serving_predictor):
   artefact = export.load_stablehlo(serving)
   assert artefact.in_avals[-1].dtype == np.uint8

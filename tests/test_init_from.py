@@ -57,6 +57,7 @@ def test_init_from_refuses_an_incompatible_model(tmp_path):
     train._load_pretrained(state, other, sharding.make_mesh())  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_finetune_stage_starts_from_a_workdir_with_a_fresh_step_and_optimiser(
     tmp_path, monkeypatch):
   """configs/voc.py:finetune's mechanism: init_from = stage 1's workdir."""

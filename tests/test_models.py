@@ -174,6 +174,7 @@ def test_bfloat16_forward_is_finite_with_float32_logits():
   assert bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('overrides', [
     {},
     {'center': 'ppm', 'decoder': 'bilinear'},
@@ -242,6 +243,7 @@ def test_padded_canvas_gives_the_exact_size_prediction(overrides):
   _padded_vs_exact(tiny_config(**overrides), sizes=[(96, 112), (65, 97)])
 
 
+@pytest.mark.slow
 def test_padded_canvas_smp_floor_mode():
   config = smp_pan.get_config('resnet18')
   config.model.base_width = 8

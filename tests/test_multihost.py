@@ -337,11 +337,12 @@ def test_resume_after_sigterm_is_bit_exact(stopped, straight):  # pylint: disabl
 
 
 def test_evaluation_on_two_processes_counts_each_image_once(bucket, straight):  # pylint: disable=redefined-outer-name
-  output = f'{bucket["url"]}/eval'
+  output, show = f'{bucket["url"]}/eval', f'{bucket["url"]}/show'
   logs = bucket['tmp'] / 'evaluated'
   outputs = _local_sh(bucket, [
       f'--checkpoint={straight["workdir"]}', f'--output={output}',
-      '--batch_size=6', '--num_overlays=2',
+      '--batch_size=6', '--num_overlays=2', f'--show_dir={show}',
+      '--save_predictions',
       f'--config.data.cache_dir={bucket["tmp"] / "cache"}'], logs, devices=3,
                       module='pan_jax.evaluate')
   assert 'process 1/2, 3 local / 6 global devices' in outputs[1]
@@ -352,7 +353,15 @@ def test_evaluation_on_two_processes_counts_each_image_once(bucket, straight):  
   # The validation of training (8 devices) scored the same images alike.
   assert report['miou'] == pytest.approx(_val_miou(straight['workdir'])[0],
                                          abs=1e-3)
-  assert paths.listdir(f'{output}/overlays') == ['00000.png', '00002.png']
+  # Every image's pictures, from both processes' shares, once each.
+  names = [f'val_{i:06d}' for i in range(NUM_VAL)]
+  # Process 0's first two images, by file name (tfds orders the records).
+  overlays = paths.listdir(f'{output}/overlays')
+  assert len(overlays) == 2 and {n[:-4] for n in overlays} <= set(names)
+  assert sorted(paths.listdir(show)) == sorted(
+      n + suffix for n in names for suffix in ('_color.png', '_panel.png'))
+  assert sorted(paths.listdir(f'{output}/predictions')) == sorted(
+      n + '.png' for n in names)
 
 
 def test_export_and_predict_from_and_into_the_bucket(bucket, straight):  # pylint: disable=redefined-outer-name
@@ -393,14 +402,13 @@ def test_kill_9_of_one_process_stops_the_other_naming_it(bucket, dataset,
                  bucket['env']) as run:
     run.wait_for(r'\] \[process 0/2\] step 1/1000')
     os.kill(run.procs[1].pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    # The issue's bound (the heartbeat timeout is 20 s): a hang, not a speed.
     try:
       code = run.procs[0].wait(timeout=60)
     except subprocess.TimeoutExpired:
       pytest.fail('process 0 still runs 60 s after process 1 was killed')
-    elapsed = time.monotonic() - killed_at
     log = run.log(0)
-  assert code != 0 and elapsed < 60, (code, elapsed)
+  assert code != 0, code
   assert 'lost process 1 of 2' in log, log[-3000:]
 
 

@@ -50,6 +50,8 @@ def test_bad_files_are_named_and_the_rest_processed(checkpoint, tmp_path,
   errors = capsys.readouterr().err
   assert 'broken.jpg' in errors and 'cannot read' in errors
   assert 'nope: no such file' in errors
+  # Not a terminal: one summary line with the total (3 files found).
+  assert 'predict: 3/3 images in ' in errors and '\r' not in errors
   _check_outputs(output, 'good', (70, 50), meta.num_classes)
   _check_outputs(output, 'gray', (41, 30), meta.num_classes)
   assert not os.path.exists(os.path.join(output, 'broken.png'))

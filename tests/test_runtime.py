@@ -116,3 +116,22 @@ def test_xla_starts_with_the_chosen_flags_and_aborts_on_unknown_ones():
   aborted = _start_xla('--xla_cpu_flag_pan_jax_made_up=1')
   assert aborted.returncode != 0
   assert 'Unknown flag in XLA_FLAGS' in aborted.stderr
+
+
+def test_library_noise_is_dropped_and_the_rest_kept():
+  # pylint: disable=g-import-not-at-top
+  import logging as py_logging
+  from absl import logging as absl_logging
+  # pylint: enable=g-import-not-at-top
+  runtime.quiet_library_logs()
+  runtime.quiet_library_logs()  # Idempotent: one filter.
+  logger = absl_logging.get_absl_logger()
+
+  def record(message, level=py_logging.WARNING):
+    return py_logging.LogRecord('absl', level, 'image_feature.py', 1,
+                                message, (), None)
+
+  assert not logger.filter(record('OpenCV is not installed. We recommend'))
+  assert logger.filter(record('a warning that matters'))
+  assert sum(f is runtime.quiet_library_logs or 'opencv' in getattr(
+      f, '__name__', '') for f in logger.filters) == 1

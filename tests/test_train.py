@@ -348,3 +348,94 @@ def test_missing_init_from_fails_before_compiling(tmp_path):
   config = _config(**{'model.init_from': str(tmp_path / 'nothing')})
   with pytest.raises((FileNotFoundError, ValueError), match='nothing'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def _events(directory):
+  """The Events of a TensorBoard event directory (TFRecord framing)."""
+  # pylint: disable=g-import-not-at-top
+  import struct
+  from tensorboardX.proto import event_pb2
+  # pylint: enable=g-import-not-at-top
+  events = []
+  for name in sorted(os.listdir(directory)):
+    with open(os.path.join(directory, name), 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      record = data[offset + 12:offset + 12 + length]
+      offset += 12 + length + 4  # length, its crc, data, data crc.
+      events.append(event_pb2.Event.FromString(record))
+  return events
+
+
+def test_tensorboard_per_class_iou_overlays_and_profile(tmp_path):
+  """Each validation writes one IoU scalar per class name and overlay
+  images; config.profile_steps traces those steps into WORKDIR/profile."""
+  names = []
+
+  def validate(model, state, config, meta, mesh):
+    del model, state, mesh
+    names[:] = meta.class_names
+    rng = np.random.default_rng(0)
+    per_class = np.linspace(0.1, 0.9, meta.num_classes)
+    per_class[-1] = np.nan  # Absent class: no scalar.
+    samples = [{'image': rng.normal(size=(12, 10, 3)), 'index': i,
+                'label': rng.integers(0, meta.num_classes, (12, 10)),
+                'prediction': rng.integers(0, meta.num_classes, (12, 10))}
+               for i in range(config.eval.num_overlays)]
+    return {'miou': 0.5, 'pixel_accuracy': 0.5, 'mean_accuracy': 0.5,
+            'per_class_iou': per_class, 'samples': samples}
+
+  config = _config(eval_every_steps=3, profile_steps=(2, 3))
+  config.eval.num_overlays = 2
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train, 'validate', validate)
+    train.train_and_evaluate(config, str(tmp_path))
+  events = _events(tmp_path / 'tensorboard')
+  scalars = {(v.tag, e.step): v.simple_value for e in events
+             for v in e.summary.value if v.HasField('simple_value')}
+  images = {(v.tag, e.step): v.image for e in events
+            for v in e.summary.value if v.HasField('image')}
+  expected = np.linspace(0.1, 0.9, len(names))
+  for step in (3, 6):
+    for k, name in enumerate(names[:-1]):
+      assert scalars[(f'val/per_class_iou/{name}', step)] == pytest.approx(
+          expected[k])
+    assert (f'val/per_class_iou/{names[-1]}', step) not in scalars
+    assert scalars[('val/miou', step)] == 0.5
+    for i in range(2):
+      image = images[(f'val/overlay/{i}', step)]
+      # image | ground truth | prediction, under captions, over a legend.
+      assert image.width == 3 * 10 + 2 * 4 and image.height > 12 + 16
+  assert ('train/loss', 1) in scalars
+  # The trace of steps 2-3: TensorBoard's profile plugin layout.
+  traces = [os.path.join(root, f) for root, _, files in
+            os.walk(tmp_path / 'profile') for f in files]
+  assert any(t.endswith('.xplane.pb') for t in traces), traces
+
+
+def test_profile_steps_are_checked(tmp_path):
+  for value in ((3,), (0, 2), (5, 4)):
+    with pytest.raises(errors.ConfigError) as e:
+      train.train_and_evaluate(_config(profile_steps=value), str(tmp_path))
+    assert 'config.profile_steps' in str(e.value)
+
+
+def test_profile_of_a_gcs_workdir_is_copied_into_it(gcs_bucket):
+  # pylint: disable=g-import-not-at-top
+  from pan_jax import paths
+  # pylint: enable=g-import-not-at-top
+  workdir = f'{gcs_bucket}/run'
+  config = _config(profile_steps=(1, 1))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train, 'validate', _fake_validate)
+    train.train_and_evaluate(config, workdir)
+  found, stack = [], [f'{workdir}/profile']
+  while stack:
+    folder = stack.pop()
+    for name in paths.listdir(folder):
+      path = f'{folder}/{name}'
+      (stack if paths.isdir(path) else found).append(path)
+  assert any(p.endswith('.xplane.pb') for p in found), found
+  assert paths.listdir(f'{workdir}/tensorboard')

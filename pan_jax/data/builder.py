@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 from absl import logging
 from pan_jax import paths
+from pan_jax import progress
 from pan_jax.data import records
 import tensorflow_datasets as tfds
 
@@ -187,8 +188,11 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder,
     mapping = self._spec.mapping
     max_height, max_width, count = 0, 0, 0
     with _map_in_order(records.try_make_record, examples, mapping,
-                       self._num_workers) as results:
+                       self._num_workers) as results, progress.Bar(
+                           f'prepare {split}', len(examples),
+                           'examples') as bar:
       for example, result in zip(examples, results):
+        bar.update()
         if result[0] == 'bad':
           _, path, problem = result
           if not self._skip_bad:
@@ -302,6 +306,10 @@ def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
         skip_registration=True)
     builder = builder_cls(spec, skip_bad=skip_bad, num_workers=num_workers,
                           data_dir=data_dir, file_format='array_record')
+    # tfds' own bars have no total for the generation and print a
+    # "Shuffling .../incomplete.<random>..." line per split; progress.Bar (in
+    # _generate_examples) replaces them.
+    tfds.display_progress_bar(False)
     try:
       # tfds insists on a download manager; keep its (empty) folders out of
       # DATA.
@@ -311,6 +319,8 @@ def build(spec: DatasetSpec, data_dir: str, *, skip_bad: bool = False,
       if replaced:
         os.rename(replaced, existing)
       raise
+    finally:
+      tfds.display_progress_bar(True)
     if replaced:
       shutil.rmtree(replaced, ignore_errors=True)
     return str(builder.data_path), builder.skipped

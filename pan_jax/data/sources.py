@@ -18,6 +18,7 @@ from typing import Any
 from pan_jax import defaults
 from pan_jax import errors
 from pan_jax import paths
+from pan_jax import runtime
 from pan_jax.data import builder
 from pan_jax.data import records
 from pan_jax.data import synthetic
@@ -33,6 +34,9 @@ PREPARED_DATASETS = ('voc2012_aug', 'cityscapes', 'folder', 'synthetic')
 # (data_dir, name, cache_dir) of a gs:// dataset -> its local copy, checked
 # once per process.
 _LOCAL_COPIES: dict[tuple[str, str, str], str] = {}
+# tfds' image decoder warns in every process, data workers included, that
+# OpenCV is absent; a worker imports this module but never runs runtime.start.
+runtime.quiet_library_logs()
 
 
 @dataclasses.dataclass(frozen=True)
