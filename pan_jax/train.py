@@ -277,9 +277,6 @@ class _MetricWriter:
       lines = [l + '\n' for l in paths.read_text(saved).splitlines()
                if l.strip() and json.loads(l).get('step', 0) <= start_step]
     paths.write_bytes(self._path, ''.join(lines).encode())
-    # Imported here: tensorboardX imports torch whenever it is installed
-    # (~230 MiB of RSS and ~1.5 s), which only the writing process needs.
-    import tensorboardX  # pylint: disable=g-import-not-at-top
     self._tensorboard = tensorboardX.SummaryWriter(
         os.path.join(directory, TENSORBOARD_DIR), purge_step=start_step + 1)
 
