@@ -93,6 +93,7 @@ def test_loop_record_fields(tmp_path):
   assert 'configs/smoke.py' in stdout
 
 
+@pytest.mark.slow
 def test_gpu_suite_smoke(tmp_path):
   # The accelerator suite on the CPU with tiny shapes: every row measured
   # (smp's too where torch is installed), one table, one JSON record. No
