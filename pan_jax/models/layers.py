@@ -63,7 +63,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides, padding,
             tuple(dimension_numbers.lhs_spec) == (0, 3, 1, 2) and
             tuple(dimension_numbers.rhs_spec) == (3, 2, 0, 1) and
             tuple(dimension_numbers.out_spec) == (0, 3, 1, 2))
-  if not simple or kh * kw <= max(1, lhs.shape[1] * lhs.shape[2]):
+  # A symbolic height or width (a serving export) cannot be compared with
+  # the kernel: such a convolution stays as it is.
+  concrete = all(isinstance(d, int) for d in lhs.shape[1:3])
+  if (not simple or not concrete or
+      kh * kw <= max(1, lhs.shape[1] * lhs.shape[2])):
     return jax.lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
