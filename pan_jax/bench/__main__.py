@@ -8,8 +8,8 @@ What each mode measures: pan_jax/bench/__init__.py. Examples:
   python -m pan_jax.bench data --workers=0,2
   python -m pan_jax.bench eval --settings=single --eval_config=configs/voc.py
   python -m pan_jax.bench loop --loop_config=configs/demo.py --steps=60
-  python -m pan_jax.bench memory                 # the train step's peak, ranked
-  python -m pan_jax.bench gpu --json=gpu.jsonl   # one GPU, ~8 minutes
+  python -m pan_jax.bench memory  # the train step's peak, ranked
+  python -m pan_jax.bench gpu --json=gpu.jsonl  # one GPU, ~8 minutes
   python -m pan_jax.bench all --json=bench.jsonl
 
 `--batch`, `--warmup` and `--iters` have a default per mode; `--config.x=y`
