@@ -54,6 +54,7 @@ import logging as py_logging
 import mmap
 import os
 import sys
+import threading
 import traceback
 from typing import (Any, Callable, Dict, FrozenSet, Iterable, Mapping, Optional,
                     Sequence)
@@ -295,9 +296,11 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
   command (its exit_code: 1, or 2 for usage errors) or absl's
   app.UsageError (2). PAN_JAX_TRACEBACK=1 raises them instead. Other
   exceptions are bugs and keep their traceback. With several processes,
-  an exception caused by a lost process (a collective whose peer died) is
-  followed by a line naming the lost processes, and this one exits with
-  status 1 at once instead of waiting for them at shutdown.
+  an exception is first reported in one line while the coordinator is
+  asked whether a process is lost (`_report_lost_processes`); if one is
+  (a collective whose peer died), a line names it, then comes the
+  traceback, and this process exits with status 1 at once instead of
+  waiting for the lost one at shutdown.
 
   Args:
     main: the command's main(argv); its return value is the exit status.
@@ -313,14 +316,12 @@ def run(main: Callable[[Sequence[str]], Any]) -> None:
         raise
       _print_error(str(e))
       return getattr(e, 'exit_code', errors.UsageError.exit_code)
-    except Exception:  # pylint: disable=broad-except
-      lost = lost_processes()
+    except Exception as e:  # pylint: disable=broad-except
+      if jax.process_count() <= 1:
+        raise
+      lost = _report_lost_processes(e)
       if not lost:
         raise
-      traceback.print_exc()
-      _print_error(f'{lost}; process {jax.process_index()}/'
-                   f'{jax.process_count()} stops too. Restart the command on '
-                   'every host: training resumes from its last checkpoint.')
       os._exit(1)  # pylint: disable=protected-access  (no shutdown barrier)
   app.run(start_then_main, flags_parser=_parse_flags)
 
@@ -391,11 +392,54 @@ def _config_file_message(error: OSError) -> str:
   return f'cannot load a config file ({reason})'
 
 
-def lost_processes() -> str:
+def _report_lost_processes(error: Exception) -> str:
+  """Reports an exception of a multi-process run; names lost processes.
+
+  A collective fails at once when a peer dies, but the coordinator names
+  the dead process only when its heartbeat timeout ends, and at that moment
+  jax's error polling also starts terminating this process (jax's own
+  fatal line then names the task that "stopped sending heartbeats"). So a
+  first line says what failed before the wait, the traceback is formatted
+  during it, and the line naming the lost processes, then the traceback,
+  are printed the instant the coordinator answers.
+
+  Args:
+    error: the exception being handled.
+
+  Returns:
+    lost_processes() ('' when none is lost: the caller re-raises).
+  """
+  timeout = distributed_arguments(os.environ)['heartbeat_timeout_seconds']
+  summary = (str(error).strip().splitlines() or [''])[0][:300]
+  _print_error(f'process {jax.process_index()}/{jax.process_count()}: '
+               f'{type(error).__name__}: {summary}; asking the coordinator '
+               'whether a process of this run is lost (it knows within '
+               f'PAN_JAX_HEARTBEAT_TIMEOUT={timeout} s)')
+  trace = traceback.format_exc()
+  lost = lost_processes(wait_seconds=timeout + 10)
+  if lost:
+    _print_error(f'{lost}; process {jax.process_index()}/'
+                 f'{jax.process_count()} stops too. Restart the command on '
+                 'every host: training resumes from its last checkpoint. '
+                 'The error this process saw:')
+    sys.stderr.write(trace)
+    sys.stderr.flush()
+  return lost
+
+
+def lost_processes(wait_seconds: Optional[float] = None) -> str:
   """Which processes of this distributed run are gone, in words ('' if none).
 
   Asks the coordinator which processes still send heartbeats; if the
   coordinator itself cannot be reached, process 0 (which runs it) is lost.
+  The coordinator answers once every live process has asked too, or once
+  the heartbeat timeout has declared the others dead; a live process that
+  does not ask (it waits in a collective for this one) would keep it from
+  answering, so after `wait_seconds` no process counts as lost.
+
+  Args:
+    wait_seconds: how long to wait for the answer (None: as long as it
+      takes).
   """
   if jax.process_count() <= 1:
     return ''
@@ -404,12 +448,21 @@ def lost_processes() -> str:
   if client is None:
     return ''
   count = jax.process_count()
-  try:
-    live = client.get_live_nodes(list(range(count)))
-  except Exception:  # pylint: disable=broad-except
+  answer = {}
+
+  def ask():
+    try:
+      answer['live'] = client.get_live_nodes(list(range(count)))
+    except Exception:  # pylint: disable=broad-except
+      answer['unreachable'] = True
+
+  asking = threading.Thread(target=ask, name='pan_jax-live-nodes', daemon=True)
+  asking.start()
+  asking.join(wait_seconds)
+  if 'unreachable' in answer:
     return ('lost the coordinator, process 0 (it cannot be reached: killed, '
             'or its host is gone?)')
-  lost = [i for i in range(count) if i not in live]
+  lost = [i for i in range(count) if i not in answer.get('live', range(count))]
   if not lost:
     return ''
   names = ', '.join(str(i) for i in lost)

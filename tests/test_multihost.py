@@ -17,6 +17,7 @@ process is killed if a test fails or times out.
               (13 images), the report written into the bucket
   exported    export and predict (1 process), from and into the bucket
   killed      2 x 1, kill -9 of process 1 after step 1
+  (and tests/multihost_fault.py: a bug on process 0 of 2, not a lost one)
 
 Gated like the other multi-process tests (PAN_JAX_TEST_MULTIPROCESS=1; CI
 sets it): about 10 minutes on 2 busy cores, mostly compiling.
@@ -409,7 +410,37 @@ def test_kill_9_of_one_process_stops_the_other_naming_it(bucket, dataset,
       pytest.fail('process 0 still runs 60 s after process 1 was killed')
     log = run.log(0)
   assert code != 0, code
-  assert 'lost process 1 of 2' in log, log[-3000:]
+  # The failed collective is reported at once, before the heartbeat timeout.
+  assert re.search(r'pan_jax.main: error: process 0/2: JaxRuntimeError: .*'
+                   r'asking the coordinator whether a process of this run '
+                   r'is lost', log), log[-3000:]
+  # Then the coordinator names process 1, and at that same moment jax's
+  # error polling terminates process 0: the lost process is named by
+  # pan_jax's line or, where jax's termination came first, by jax's.
+  assert ('pan_jax.main: error: lost process 1 of 2' in log or re.search(
+      r'Terminating process because the JAX distributed service detected '
+      r'fatal errors.*stopped sending heartbeats\):\n1\n', log)), log[-3000:]
+
+
+def test_a_bug_on_one_process_is_not_taken_for_a_lost_one(tmp_path):
+  env = dict(os.environ, PAN_JAX_HEARTBEAT_TIMEOUT='5',
+             PAN_JAX_SHUTDOWN_TIMEOUT='10',
+             PYTHONPATH=os.path.join(REPO, 'tests'))
+  with Processes('multihost_fault', [], 2, 1, tmp_path / 'logs', env) as run:
+    # Process 0 waits for the coordinator's answer at most the heartbeat
+    # timeout + 10 s (the live process 1 waits in a collective, it does
+    # not ask), then raises the bug; it must not hang.
+    try:
+      codes = run.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      pytest.fail('still running 120 s after a bug on process 0')
+    log = run.log(0)
+  assert codes[0] != 0, codes
+  assert ('multihost_fault: error: process 0/2: RuntimeError: a bug on '
+          'process 0 only; asking the coordinator') in log, log[-3000:]
+  assert 'RuntimeError: a bug on process 0 only' in log.split(
+      'asking the coordinator', 1)[1], log[-3000:]
+  assert 'lost process' not in log, log[-3000:]
 
 
 def _all_reduce_bytes(hlo_text):
