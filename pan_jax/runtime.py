@@ -46,6 +46,7 @@ every host of a TPU pod slice:
   pan_jax.data.sources calls when a worker imports it).
 """
 
+import ctypes
 import functools
 import glob
 import importlib.metadata
@@ -157,6 +158,22 @@ def cpu_env() -> Dict[str, str]:
   """
   return {'XLA_FLAGS': cpu_xla_flags(),
           'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+
+
+def release_free_memory() -> None:
+  """Gives the C heap's free pages back to the system (glibc's malloc_trim).
+
+  XLA's compiler frees gigabytes of working memory when it is done, and
+  glibc keeps those pages for later allocations; the buffers of the
+  program it compiled do not reuse them all, so the process's peak held
+  both. Called between compiling and running (train.compile_train_step).
+  Elsewhere than glibc (macOS, musl), nothing happens.
+  """
+  try:
+    trim = ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):
+    return
+  trim(0)
 
 
 def set_cpu_flags() -> None:

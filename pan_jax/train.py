@@ -40,6 +40,7 @@ from pan_jax import models
 from pan_jax import optim
 from pan_jax import paths
 from pan_jax import progress as progress_lib
+from pan_jax import runtime
 from pan_jax import sharding
 from pan_jax import visualize
 from pan_jax.checkpoints import pretrained
@@ -463,6 +464,35 @@ def _programs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return _PROGRAM_CACHE[key]
 
 
+def compile_train_step(step_fn: Any, state: TrainState,
+                       batch: dict[str, jax.Array],
+                       init_fn: Optional[Any] = None) -> Any:
+  """`step_fn` compiled for these arguments, the compiler's memory given back.
+
+  Compiled before the first step runs, so that the memory the compiler
+  freed is returned to the system (runtime.release_free_memory) before the
+  step's buffers are allocated; compiled lazily by the first call, the
+  process's peak held both. The init program, run once, is dropped from
+  its jit cache first. Measured (R101 smp architecture, b2 x 512^2, fp32,
+  CPU): peak RSS 3,514 -> 2,752 MiB, ~650 MiB of it the trim and ~120 MiB
+  the init program.
+
+  Args:
+    step_fn: the jitted train step (`_programs`).
+    state: the state it is called with (donated at the call, not here).
+    batch: a batch of the shapes and shardings of every step.
+    init_fn: the jitted init whose executable to drop (None: none).
+
+  Returns:
+    The compiled step: called as step_fn (state, batch) -> (state, metrics).
+  """
+  compiled = step_fn.lower(state, batch).compile()
+  if init_fn is not None:
+    init_fn.clear_cache()
+  runtime.release_free_memory()
+  return compiled
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        *, mesh: Optional[jax.sharding.Mesh] = None
                        ) -> dict[str, Any]:
@@ -529,9 +559,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir_lib.save_run_info(workdir, config, meta)
     writer = _MetricWriter(workdir, start_step)
     profiler = _Profiler(config, workdir, writer)
-    result = _train_loop(config, workdir, mesh, model, meta, step_fn, state,
-                         start_step, data_iter, manager, writer, stop,
-                         profiler)
+    result = _train_loop(config, workdir, mesh, model, meta,
+                         (step_fn, init_fn), state, start_step, data_iter,
+                         manager, writer, stop, profiler)
     finished = True
     return result
   finally:
@@ -608,15 +638,19 @@ class _Profiler:
       self._local = None
 
 
-def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
+def _train_loop(config, workdir, mesh, model, meta, programs, state,
                 start_step, data_iter, manager, writer, stop, profiler):
   """Steps from `start_step` to config.total_steps (or a stop request).
 
   Order after each step: check that the last save has not failed, log (and
   check values are finite), stop check, checkpoint, validate (once this
   step's checkpoint is written). Arguments are train_and_evaluate's locals;
-  `profiler` (a _Profiler) is told before and after each step.
+  `programs` is (jitted step, jitted init): the step is compiled with the
+  first batch (compile_train_step); `profiler` (a _Profiler) is told before
+  and after each step.
   """
+  step_fn, init_fn = programs
+  compiled_step = None
   total = config.total_steps
   if start_step >= total:
     logging.info('%s is already trained to step %d (config.total_steps=%d): '
@@ -634,7 +668,9 @@ def _train_loop(config, workdir, mesh, model, meta, step_fn, state,
       batch = next(data_iter)
       batch = sharding.to_global(
           {'image': batch['image'], 'label': batch['label']}, mesh)
-      state, metrics = step_fn(state, batch)
+      if compiled_step is None:
+        compiled_step = compile_train_step(step_fn, state, batch, init_fn)
+      state, metrics = compiled_step(state, batch)
     step += 1
     profiler.after(step, state)
     pending.append((step, metrics))

@@ -275,19 +275,19 @@ def test_a_stop_is_saved_within_two_steps_of_the_signal(tmp_path,
     return new_state, {**metrics, 'busy': jnp.sum(x)}
 
   monkeypatch.setattr(train, 'train_step', slow_step)
-  real_programs = train._programs  # pylint: disable=protected-access
+  real_compile = train.compile_train_step
   dispatched = []  # Each step's metrics, as the loop dispatches them.
 
-  def programs(*args):
-    model, init_fn, step_fn = real_programs(*args)
+  def compile_recording(*args):
+    step_fn = real_compile(*args)
 
     def recording_step(state, batch):
       state, metrics = step_fn(state, batch)
       dispatched.append(metrics)
       return state, metrics
-    return model, init_fn, recording_step
+    return recording_step
 
-  monkeypatch.setattr(train, '_programs', programs)
+  monkeypatch.setattr(train, 'compile_train_step', compile_recording)
   finished = []
 
   def send_sigterm_after(step):
