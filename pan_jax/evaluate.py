@@ -211,6 +211,7 @@ def evaluate_batches(model: Any, variables: Any,
       'evaluate', getattr(batches, 'num_examples', None), 'images',
       enabled=progress)
   start, timed_from, first_images = time.monotonic(), None, 0
+  compiled = {}  # eval_step compiled, by the batch's shapes.
   for local in batches:
     batch_pixels = math.prod(local['label'].shape) * jax.process_count()
     if pixels + batch_pixels > _INT32_MAX:
@@ -221,8 +222,12 @@ def evaluate_batches(model: Any, variables: Any,
     batch = sharding.to_global(
         {k: local[k] for k in ('image', 'label', 'image_size', 'valid')},
         mesh)
-    confusion, num_images, predictions = eval_step(variables, batch,
-                                                   confusion, num_images)
+    shapes = tuple(x.shape for x in jax.tree.leaves(batch))
+    if shapes not in compiled:  # Every batch, with the eval pipeline.
+      compiled[shapes] = runtime.compile_then_release(
+          eval_step, variables, batch, confusion, num_images)
+    confusion, num_images, predictions = compiled[shapes](
+        variables, batch, confusion, num_images)
     pixels += batch_pixels
     if on_batch is not None:
       on_batch(local, _process_rows(predictions))

@@ -99,6 +99,8 @@ class Predictor:
     self._predict = jax.jit(functools.partial(_predict, model, options))
     self._predict_probs = jax.jit(
         functools.partial(_predict_probs, model, options))
+    # Each compiled per (function, canvas batch shape), before it first runs.
+    self._compiled = {}
 
   @property
   def class_names(self) -> Tuple[str, ...]:
@@ -154,7 +156,12 @@ class Predictor:
           height, width = batch[index].shape[:2]
           canvases[row, :height, :width] = transforms.normalize(batch[index])
           sizes[row] = (height, width)
-        outputs = np.asarray(function(self._variables, canvases, sizes))
+        key = (function, canvases.shape)
+        if key not in self._compiled:
+          self._compiled[key] = runtime.compile_then_release(
+              function, self._variables, canvases, sizes)
+        outputs = np.asarray(self._compiled[key](self._variables, canvases,
+                                                 sizes))
         for row, index in enumerate(chunk):
           height, width = batch[index].shape[:2]
           results[index] = finish(outputs[row, :height, :width])

@@ -48,6 +48,7 @@ every host of a TPU pod slice:
 
 import ctypes
 import functools
+import gc
 import glob
 import importlib.metadata
 import importlib.util
@@ -166,14 +167,37 @@ def release_free_memory() -> None:
   XLA's compiler frees gigabytes of working memory when it is done, and
   glibc keeps those pages for later allocations; the buffers of the
   program it compiled do not reuse them all, so the process's peak held
-  both. Called between compiling and running (train.compile_train_step).
+  both. Called between compiling and running (`compile_then_release`).
   Elsewhere than glibc (macOS, musl), nothing happens.
   """
+  gc.collect()  # Arrays (and executables) held only by reference cycles.
   try:
     trim = ctypes.CDLL(None).malloc_trim
   except (OSError, AttributeError):
     return
   trim(0)
+
+
+def compile_then_release(function: Any, *args: Any) -> Any:
+  """`function` (a jax.jit function) compiled for `args`, before it runs.
+
+  Compiled by its first call, the program's buffers come on top of the
+  memory the compiler freed, and the process's peak holds both; compiled
+  here, that memory is given back first (`release_free_memory`). Measured
+  on the CPU: training R101 at b2 x 512^2 peaks ~650 MiB lower, predicting
+  one 512^2 image with it ~130 MiB lower (787 -> 651-664 MiB).
+
+  Args:
+    function: the jitted function.
+    *args: arguments of the shapes, dtypes and shardings of its calls.
+
+  Returns:
+    The compiled function, called with such arguments as `function` is.
+  """
+  release_free_memory()  # What came before (a restore, an init) too.
+  compiled = function.lower(*args).compile()
+  release_free_memory()
+  return compiled
 
 
 def set_cpu_flags() -> None:
