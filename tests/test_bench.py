@@ -48,6 +48,12 @@ def test_record_fields(tmp_path, mode, batch):
   assert record['images_per_s'] == pytest.approx(batch / record['median_s'])
   assert record['gflop_per_step'] > 0
   assert record['peak_rss_mib'] > 0
+  # CPU-seconds of this process per step, and what the rest used.
+  assert len(record['cpu_s']) == 2 and record['median_cpu_s'] > 0
+  assert len(record['other_cores']) == 2
+  assert all(o >= 0 for o in record['other_cores'])
+  assert record['peak_rss_from'] == (
+      'weights in memory' if mode == 'infer' else 'process start')
   # XLA's buffer plan: the state (train) or variables (infer) come in.
   assert record['xla_argument_mib'] > 0 and record['xla_temp_mib'] > 0
   assert f'[{mode}] pan_jax round 0:' in stdout
@@ -68,6 +74,7 @@ def test_peer_side_by_side(tmp_path):
   assert all(r['median_s'] > 0 for r in records)
   assert 'median time ratio pan_jax/smp over 1 rounds' in stdout
   assert 'median time ratio pan_jax/smp_channels_last over 1 rounds' in stdout
+  assert 'median CPU-seconds ratio pan_jax/smp over 1 rounds' in stdout
 
 
 def test_peer_needs_peer_dir():

@@ -126,6 +126,7 @@ def side_by_side(mode: str, ours: Callable[[], Record],
     peer's name) and `round` added.
   """
   records, ratios = [], {side: [] for side in peers}
+  cpu_ratios = {side: [] for side in peers}
   for r in range(rounds if peers else 1):
     mine = dict(ours(), side='pan_jax', round=r)
     records.append(mine)
@@ -135,12 +136,33 @@ def side_by_side(mode: str, ours: Callable[[], Record],
       records.append(theirs)
       ratio = _seconds(mine) / _seconds(theirs)
       ratios[side].append(ratio)
-      print(f'[{mode}] {side} round {r}: {_describe(theirs)}  '
-            f'ratio pan_jax/{side} time = {ratio:.2f}', flush=True)
+      line = (f'[{mode}] {side} round {r}: {_describe(theirs)}  '
+              f'ratio pan_jax/{side} time = {ratio:.2f}')
+      cpu_mine, cpu_theirs = _cpu_seconds(mine), _cpu_seconds(theirs)
+      if cpu_mine and cpu_theirs:
+        cpu_ratios[side].append(cpu_mine / cpu_theirs)
+        line += f', CPU-seconds = {cpu_mine / cpu_theirs:.2f}'
+      print(line, flush=True)
   for side, values in ratios.items():
     print(f'[{mode}] median time ratio pan_jax/{side} over {len(values)} '
           f'rounds: {statistics.median(values):.2f} (< 1 = pan_jax faster)')
+    if cpu_ratios[side]:
+      print(f'[{mode}] median CPU-seconds ratio pan_jax/{side} over '
+            f'{len(cpu_ratios[side])} rounds: '
+            f'{statistics.median(cpu_ratios[side]):.2f} (a shared machine '
+            'moves it less than the time)')
   return records
+
+
+def _cpu_seconds(record: Record) -> Optional[float]:
+  """CPU-seconds per step of a record: pan_jax's median_cpu_s, or the
+  peer's times_s x self_cores (the cores it used); None if neither."""
+  if record.get('median_cpu_s'):
+    return float(record['median_cpu_s'])
+  times, cores = record.get('times_s'), record.get('self_cores')
+  if times and cores and len(times) == len(cores):
+    return statistics.median(t * c for t, c in zip(times, cores))
+  return None
 
 
 def _seconds(record: Record) -> float:
@@ -153,8 +175,8 @@ def _seconds(record: Record) -> float:
 
 def _describe(record: Record) -> str:
   parts = []
-  for key in ('median_s', 'images_per_s', 'peak_rss_mib', 'xla_temp_mib',
-              'compile_s'):
+  for key in ('median_s', 'median_cpu_s', 'median_quiet_s', 'images_per_s',
+              'peak_rss_mib', 'xla_temp_mib', 'compile_s'):
     if key in record:
       value = record[key]
       parts.append(f'{key}={value:.3f}' if isinstance(value, float)

@@ -9,6 +9,7 @@ iteration.
 """
 
 import functools
+import os
 import resource
 import statistics
 import time
@@ -64,6 +65,22 @@ def _device_memory_mib() -> dict:
   return {'peak_device_mib': stats['peak_bytes_in_use'] / 2**20}
 
 
+# An iteration counts as quiet when the rest of the machine used at most
+# this many cores meanwhile (the peer's bench_smp.py uses the same bound).
+QUIET_CORES = 0.15
+
+
+def _machine_busy_s() -> float:
+  """CPU-seconds the whole machine has been busy (Linux /proc/stat; NaN)."""
+  try:
+    with open('/proc/stat') as f:
+      ticks = [int(x) for x in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return float('nan')
+  idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+  return (sum(ticks[:8]) - idle) / os.sysconf('SC_CLK_TCK')
+
+
 def _reset_peak_rss() -> bool:
   """Restarts the count of this process's peak RSS (Linux); False elsewhere."""
   try:
@@ -105,6 +122,10 @@ def measure(config: ml_collections.ConfigDict, mode: str, *,
   Returns:
     A JSON-able record: mode, config, batch, size, classes, dtype, backend,
     devices, device_kind, times_s, median_s, min_s, images_per_s, compile_s,
+    cpu_s and median_cpu_s (this process's CPU-seconds per step: on a
+    shared machine they move far less than the time), other_cores (cores
+    the rest of the machine used during each step) and median_quiet_s (the
+    median over steps where that was at most QUIET_CORES; None if none),
     gflop_per_step, achieved_tflops, peak_rss_mib (infer: counted from the
     weights in memory on, where Linux lets the count restart; peak_rss_from
     says which), xla_{argument,output,temp}_mib (where the backend reports
@@ -162,12 +183,17 @@ def measure(config: ml_collections.ConfigDict, mode: str, *,
 
   for _ in range(warmup):
     step()
-  times = []
+  times, cpu = [], []
+  other_cores = []  # Cores the rest of the machine used meanwhile.
   for _ in range(iters):
-    t0 = time.perf_counter()
+    busy0, c0, t0 = _machine_busy_s(), time.process_time(), time.perf_counter()
     step()
-    times.append(time.perf_counter() - t0)
+    t1, c1, busy1 = time.perf_counter(), time.process_time(), _machine_busy_s()
+    times.append(t1 - t0)
+    cpu.append(c1 - c0)
+    other_cores.append(max(0., (busy1 - busy0) - (c1 - c0)) / (t1 - t0))
   median = statistics.median(times)
+  quiet = [t for t, o in zip(times, other_cores) if o <= QUIET_CORES]
   flops = _flops(compiled)
   return {
       'mode': mode, 'config': config_name, 'batch': batch, 'size': size,
@@ -175,6 +201,10 @@ def measure(config: ml_collections.ConfigDict, mode: str, *,
       'backend': jax.default_backend(), 'devices': jax.device_count(),
       'device_kind': jax.devices()[0].device_kind,
       'times_s': [round(t, 4) for t in times], 'median_s': median,
+      'cpu_s': [round(c, 4) for c in cpu],
+      'median_cpu_s': statistics.median(cpu),
+      'other_cores': [round(o, 2) for o in other_cores],
+      'median_quiet_s': statistics.median(quiet) if quiet else None,
       'min_s': min(times), 'images_per_s': batch / median,
       'compile_s': compile_s, 'gflop_per_step': flops / 1e9,
       'achieved_tflops': flops / median / 1e12,
