@@ -209,8 +209,8 @@ def measure(config: ml_collections.ConfigDict, mode: str, *,
       'compile_s': compile_s, 'gflop_per_step': flops / 1e9,
       'achieved_tflops': flops / median / 1e12,
       'peak_rss_mib': _peak_rss_mib(),
-      'peak_rss_from': ('weights in memory' if mode == 'infer' and
-                        peak_from_here else 'process start'),
+      'peak_rss_from': ('weights in memory' if peak_from_here
+                        else 'process start'),
       **_memory_mib(compiled), **_device_memory_mib(),
       'jax': jax.__version__,
   }
