@@ -160,6 +160,7 @@ def _to_numpy_dtype(array: np.ndarray) -> np.ndarray:
 
 def _read_torch(path: str) -> Tuple[Dict[str, np.ndarray], str]:
   """torch.load(weights_only=True) and unwrapping."""
+  _check_torch_file(path)  # A damaged file is named so, torch or not.
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -167,7 +168,6 @@ def _read_torch(path: str) -> Tuple[Dict[str, np.ndarray], str]:
         f'reading {path} needs PyTorch (pip install -r '
         'requirements-torch.txt), or convert it to .safetensors elsewhere'
         ) from e
-  _check_torch_file(path)
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
